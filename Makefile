@@ -1,0 +1,28 @@
+# One environment for everything: .venv, with the CPU build of torch pinned so that a fresh
+# machine never pulls a multi-GB CUDA build. GPU users install torch first, then `pip install .`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) examples/plain_pytorch.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

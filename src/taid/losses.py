@@ -1,0 +1,276 @@
+"""Loss modules over :mod:`taid.functional`, and the registry that names them.
+
+Every module has hyperparameters in ``__init__`` and tensors in ``forward``; ``forward`` is
+pure, state changes only in :meth:`DistillationLoss.step`. With ``distill_weight = w < 1`` the
+loss is ``(1 - w) * CE(labels) + w * divergence`` over the same valid tokens.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, ClassVar, NamedTuple
+
+from torch import Tensor, nn
+
+from taid import functional as TF
+from taid.scheduler import TAIDScheduler
+
+
+class LossOutput(NamedTuple):
+    """Result of :meth:`DistillationLoss.compute`.
+
+    Attributes:
+        loss: what to backpropagate, ``(1 - w) * ce + w * distill``.
+        distill: the divergence term alone (drives TAID's schedule); ``None`` for SFT.
+        ce: cross-entropy on the labels, ``None`` when not mixed in.
+        num_tokens: number of valid positions (int64 scalar), for token-weighted normalisation
+            across micro-batches and ranks with ``reduction="sum"``.
+    """
+
+    loss: Tensor
+    distill: Tensor | None
+    ce: Tensor | None
+    num_tokens: Tensor
+
+
+class DistillationLoss(nn.Module):
+    """Base of every registered loss.
+
+    Args:
+        distill_weight: ``w`` in ``(1 - w) * CE + w * divergence``; 1 (default) is the pure
+            divergence, anything below needs labels.
+        ignore_index: label value of positions to exclude.
+        reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (per position).
+        vocab_size: shared tokenizer length when student and teacher widths differ.
+
+    Shapes:
+        student_logits ``[..., V_s]``, teacher_logits ``[..., V_T]``, labels ``[...]`` aligned
+        with the logits (position i predicts ``labels[i]``).
+    """
+
+    divergence: ClassVar[str | None] = None
+
+    def __init__(self, *, distill_weight: float = 1.0, ignore_index: int = -100,
+                 reduction: TF.Reduction = "mean", vocab_size: int | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+        TF._check_reduction(reduction)
+        self.distill_weight = float(distill_weight)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+        self.vocab_size = vocab_size
+
+    def divergence_params(self) -> dict[str, float]:
+        """Hyperparameters passed to the divergence kernel at this moment."""
+        return {}
+
+    def compute(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
+                labels: Tensor | None = None) -> LossOutput:
+        """The loss with its parts and the valid-token count; does not change any state."""
+        w = self.distill_weight
+        terms = TF.loss_terms(
+            self.divergence, student_logits, teacher_logits, labels,
+            ignore_index=self.ignore_index, reduction=self.reduction, vocab_size=self.vocab_size,
+            with_ce=w < 1.0, **self.divergence_params(),
+        )
+        if terms.distill is None:
+            loss = terms.ce
+        elif terms.ce is None:
+            loss = terms.distill
+        else:
+            loss = (1.0 - w) * terms.ce + w * terms.distill
+        return LossOutput(loss, terms.distill, terms.ce, terms.num_tokens)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        """The reduced loss (see :meth:`compute` for its parts)."""
+        return self.compute(student_logits, teacher_logits, labels).loss
+
+    def step(self, loss: float | Tensor) -> float | None:
+        """Advance adaptive state once per optimizer step; a no-op for static losses."""
+        return None
+
+    def extra_repr(self) -> str:
+        params = {**self.divergence_params(), "distill_weight": self.distill_weight,
+                  "ignore_index": self.ignore_index, "reduction": self.reduction}
+        if self.vocab_size is not None:
+            params["vocab_size"] = self.vocab_size
+        return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+class TAIDLoss(DistillationLoss):
+    """TAID: KL(p_t || q) with ``p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)``.
+
+    ``t`` comes from a :class:`~taid.scheduler.TAIDScheduler`: pass one, or its keyword
+    arguments. ``forward`` uses the current ``t`` and never changes it; call :meth:`step` once
+    per optimizer step with that step's TAID term (``compute(...).distill``, token-weighted over
+    the whole step). The scheduler state is part of ``state_dict()``, so restoring a checkpoint of
+    the module restores ``t`` exactly.
+
+    Example::
+
+        loss_fn = TAIDLoss(total_steps=1000)
+        out = loss_fn.compute(student_logits, teacher_logits, labels)
+        out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+        loss_fn.step(out.distill)
+    """
+
+    divergence = "taid"
+
+    def __init__(self, scheduler: TAIDScheduler | None = None, *, t_start: float = 0.4,
+                 t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
+                 total_steps: int | None = None, adaptive: bool = True,
+                 distill_weight: float = 1.0, ignore_index: int = -100,
+                 reduction: TF.Reduction = "mean", vocab_size: int | None = None) -> None:
+        super().__init__(distill_weight=distill_weight, ignore_index=ignore_index,
+                         reduction=reduction, vocab_size=vocab_size)
+        if scheduler is None:
+            scheduler = TAIDScheduler(t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,
+                                      total_steps=total_steps, adaptive=adaptive)
+        self.scheduler = scheduler
+
+    @property
+    def t(self) -> float:
+        """The current interpolation coefficient."""
+        return self.scheduler.t
+
+    def divergence_params(self) -> dict[str, float]:
+        return {"t": self.scheduler.t}
+
+    def step(self, loss: float | Tensor) -> float:
+        """Advance ``t`` from this optimizer step's TAID objective; returns the new ``t``."""
+        return self.scheduler.step(loss)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class ForwardKLLoss(DistillationLoss):
+    """Forward KL(p || q): mode-covering; TAID at ``t = 1``."""
+
+    divergence = "fkl"
+
+
+class ReverseKLLoss(DistillationLoss):
+    """Reverse KL(q || p): mode-seeking."""
+
+    divergence = "rkl"
+
+
+class TVDLoss(DistillationLoss):
+    """Total variation distance ``0.5 * sum |p - q|``."""
+
+    divergence = "tvd"
+
+
+class JSDLoss(DistillationLoss):
+    """Generalized JSD (GKD): ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``."""
+
+    divergence = "jsd"
+
+    def __init__(self, beta: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.beta = TF.check_params("jsd", {"beta": beta})["beta"]
+
+    def divergence_params(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+
+class SkewKLLoss(DistillationLoss):
+    """Skew KL (DistiLLM): ``KL(p || alpha p + (1 - alpha) q)``."""
+
+    divergence = "skl"
+
+    def __init__(self, alpha: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha = TF.check_params("skl", {"alpha": alpha})["alpha"]
+
+    def divergence_params(self) -> dict[str, float]:
+        return {"alpha": self.alpha}
+
+
+class SkewReverseKLLoss(SkewKLLoss):
+    """Skew reverse KL (DistiLLM): ``KL(q || (1 - alpha) p + alpha q)``."""
+
+    divergence = "srkl"
+
+
+class AdaptiveKLLoss(DistillationLoss):
+    """Adaptive KL: head/tail-gap-weighted forward and reverse KL (head = teacher mass ``mu``)."""
+
+    divergence = "akl"
+
+    def __init__(self, mu: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mu = TF.check_params("akl", {"mu": mu})["mu"]
+
+    def divergence_params(self) -> dict[str, float]:
+        return {"mu": self.mu}
+
+
+class SFTLoss(DistillationLoss):
+    """Plain supervised fine-tuning: cross-entropy on the labels; the teacher is ignored."""
+
+    divergence = None
+
+    def __init__(self, *, ignore_index: int = -100, reduction: TF.Reduction = "mean",
+                 vocab_size: int | None = None) -> None:
+        super().__init__(distill_weight=0.0, ignore_index=ignore_index, reduction=reduction,
+                         vocab_size=vocab_size)
+
+
+LOSSES: dict[str, type[DistillationLoss]] = {
+    "taid": TAIDLoss,
+    "fkl": ForwardKLLoss,
+    "rkl": ReverseKLLoss,
+    "tvd": TVDLoss,
+    "jsd": JSDLoss,
+    "skl": SkewKLLoss,
+    "srkl": SkewReverseKLLoss,
+    "akl": AdaptiveKLLoss,
+    "sft": SFTLoss,
+}
+"""Every loss by its registry name (the ``loss.name`` of a config)."""
+
+
+def loss_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``build_loss(name, ...)`` accepts, with their defaults."""
+    cls = _lookup(name)
+    params: dict[str, inspect.Parameter] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is nn.Module or not issubclass(klass, DistillationLoss):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params[p.name] = p
+    if cls is SFTLoss:
+        params.pop("distill_weight", None)
+    return params
+
+
+def _lookup(name: str) -> type[DistillationLoss]:
+    if name not in LOSSES:
+        close = difflib.get_close_matches(str(name), LOSSES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}.{hint}")
+    return LOSSES[name]
+
+
+def build_loss(name: str, **kwargs: Any) -> DistillationLoss:
+    """Build a registered loss by name, e.g. ``build_loss("taid", total_steps=1000)``.
+
+    Raises:
+        ValueError: unknown name (lists the valid ones) or a keyword the loss does not take.
+    """
+    cls = _lookup(name)
+    accepted = loss_parameters(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
+    return cls(**kwargs)
+

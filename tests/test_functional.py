@@ -1,0 +1,448 @@
+"""Every divergence against a deliberately naive float64 reference: values and gradients.
+
+The reference loops over positions, builds each distribution with explicit exp/sum in float64,
+and skips vocabulary slots whose weight is exactly zero (0 * log 0 = 0). Its gradient comes from
+autograd through that float64 code, so a wrong analytic shortcut in the library cannot hide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from taid import functional as TF
+
+torch.set_num_threads(2)
+
+# name -> (public function, hyperparameters used in the tests)
+PUBLIC = {
+    "taid": (TF.taid_loss, {"t": 0.37}),
+    "fkl": (TF.forward_kl, {}),
+    "rkl": (TF.reverse_kl, {}),
+    "tvd": (TF.tvd, {}),
+    "jsd": (TF.jsd, {"beta": 0.3}),
+    "skl": (TF.skew_kl, {"alpha": 0.2}),
+    "srkl": (TF.skew_reverse_kl, {"alpha": 0.2}),
+    "akl": (TF.adaptive_kl, {"mu": 0.5}),
+}
+NAMES = list(PUBLIC)
+
+
+# ------------------------------------------------------------------------------------------
+# Naive float64 reference
+# ------------------------------------------------------------------------------------------
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    finite = x[torch.isfinite(x)]
+    e = torch.exp(x - finite.max())  # exp(-inf) = 0
+    return e / e.sum()
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over a > 0 of a * (log a - log b)."""
+    keep = a > 0
+    return (a[keep] * (torch.log(a[keep]) - torch.log(b[keep]))).sum()
+
+
+def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict) -> torch.Tensor:
+    q = _softmax(s)
+    p = _softmax(z)
+    if name == "taid":
+        t = params["t"]
+        sd = s.detach()
+        both_inf = torch.isinf(sd) & torch.isinf(z)
+        mixed = torch.where(both_inf, sd, (1 - t) * sd + t * z)
+        pt = _softmax(mixed)
+        return _kl(pt, q)
+    if name == "fkl":
+        return _kl(p, q)
+    if name == "rkl":
+        return _kl(q, p)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum()
+    if name == "jsd":
+        b = params["beta"]
+        m = b * p + (1 - b) * q
+        return b * _kl(p, m) + (1 - b) * _kl(q, m)
+    if name == "skl":
+        a = params["alpha"]
+        return _kl(p, a * p + (1 - a) * q)
+    if name == "srkl":
+        a = params["alpha"]
+        return _kl(q, (1 - a) * p + a * q)
+    if name == "akl":
+        mu = params["mu"]
+        order = sorted(range(len(p)), key=lambda i: -p[i].item())
+        head = torch.zeros(len(p), dtype=torch.bool)
+        mass = 0.0
+        for i in order:
+            if mass < mu:
+                head[i] = True
+            mass += p[i].item()
+        gap = (p - q).abs().detach()
+        gh, gt = gap[head].sum(), gap[~head].sum()
+        wh, wt = gh / (gh + gt), gt / (gh + gt)
+        return wh * _kl(p, q) + wt * _kl(q, p)
+    raise KeyError(name)
+
+
+def reference(name, student, teacher, labels, params, ignore_index=-100, reduction="mean"):
+    """Loss of float64 copies, looping over every position."""
+    V = student.shape[-1]
+    s_all = student.reshape(-1, V)
+    z_all = teacher.detach().double().reshape(-1, V)
+    lab = None if labels is None else labels.reshape(-1)
+    per_pos = []
+    for i in range(s_all.shape[0]):
+        if lab is not None and lab[i].item() == ignore_index:
+            per_pos.append(s_all.new_zeros(()))
+        else:
+            per_pos.append(_ref_row(name, s_all[i], z_all[i], params))
+    per_pos = torch.stack(per_pos)
+    n_valid = s_all.shape[0] if lab is None else int((lab != ignore_index).sum())
+    if reduction == "sum":
+        return per_pos.sum()
+    if reduction == "mean":
+        return per_pos.sum() / max(n_valid, 1)
+    return per_pos.reshape(student.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+def make_inputs(shape, V, *, dtype=torch.float32, ignore_index=42, mask_frac=0.25, seed=0,
+                scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    student = (scale * torch.randn(*shape, V, generator=g)).to(dtype)
+    teacher = (scale * torch.randn(*shape, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[labels == ignore_index] = (ignore_index + 1) % V
+    masked = torch.rand(shape, generator=g) < mask_frac
+    labels[masked] = ignore_index
+    return student, teacher, labels
+
+
+def run_ours(name, student, teacher, labels, *, ignore_index, reduction="mean", grad_scale=2.0,
+             params=None):
+    fn, default_params = PUBLIC[name]
+    s = student.clone().requires_grad_(True)
+    out = fn(s, teacher, labels, ignore_index=ignore_index, reduction=reduction,
+             **(default_params if params is None else params))
+    (out * grad_scale).sum().backward()
+    return out, s.grad
+
+
+def run_reference(name, student, teacher, labels, *, ignore_index, reduction="mean",
+                  grad_scale=2.0, params=None):
+    s = student.detach().double().requires_grad_(True)
+    out = reference(name, s, teacher, labels, PUBLIC[name][1] if params is None else params,
+                    ignore_index=ignore_index, reduction=reduction)
+    (out * grad_scale).sum().backward()
+    return out, s.grad
+
+
+# ------------------------------------------------------------------------------------------
+# Values and gradients against the reference
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference_odd_shape_masked(name, reduction):
+    student, teacher, labels = make_inputs((3, 47), 123, ignore_index=42)
+    assert (labels == 42).float().mean() > 0.15  # a real share of positions is masked
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, reduction=reduction)
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42,
+                               reduction=reduction)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+    # masked positions get exactly zero gradient
+    assert torch.all(g[labels == 42] == 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,V", [((17,), 5), ((2, 3, 5), 31), ((1, 1), 2)])
+def test_matches_reference_other_shapes_default_ignore_index(name, shape, V):
+    student, teacher, labels = make_inputs(shape, V, ignore_index=-100, seed=1)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=-100, grad_scale=0.5)
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=-100, grad_scale=0.5)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_labels_none_counts_every_position(name):
+    student, teacher, _ = make_inputs((4, 9), 37, seed=2)
+    ours, g = run_ours(name, student, teacher, None, ignore_index=-100)
+    ref, g_ref = run_reference(name, student, teacher, None, ignore_index=-100)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_float32(name, dtype):
+    student, teacher, labels = make_inputs((3, 47), 123, dtype=dtype, seed=3)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    # The reference sees the same rounded inputs, so only the float32 arithmetic and the
+    # rounding of the returned gradient to the input dtype differ.
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
+    assert ours.dtype == torch.float32
+    assert g.dtype == dtype
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_neg_inf_vocabulary_slots(name):
+    student, teacher, labels = make_inputs((3, 11), 29, seed=4)
+    masked_vocab = torch.tensor([0, 5, 6, 28])
+    student[..., masked_vocab] = -math.inf
+    teacher[..., masked_vocab] = -math.inf
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
+    assert torch.isfinite(ours).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+    assert torch.all(g[..., masked_vocab] == 0)
+
+
+@pytest.mark.parametrize("name", ["taid", "fkl", "tvd", "jsd", "skl", "srkl"])
+def test_teacher_only_neg_inf_stays_finite(name):
+    """The teacher rules a token out (p = 0) while the student still gives it mass."""
+    student, teacher, labels = make_inputs((2, 7), 19, seed=5)
+    teacher[..., 3] = -math.inf
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
+    assert torch.isfinite(ours).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_huge_negative_padding_logits_do_not_overflow(name):
+    student, teacher, labels = make_inputs((2, 5), 13, seed=6)
+    student[..., -3:] = -3e38
+    teacher[..., -3:] = -3e38
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    assert torch.isfinite(ours).all() and torch.isfinite(g).all()
+    ref_s, ref_t = student[..., :-3], teacher[..., :-3]
+    ref, g_ref = run_reference(name, ref_s, ref_t, labels, ignore_index=42)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g[..., :-3].double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES + ["ce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction):
+    student, teacher, labels = make_inputs((2, 6), 17, seed=7)
+    labels.fill_(-7)
+    s = student.clone().requires_grad_(True)
+    if name == "ce":
+        out = TF.cross_entropy(s, labels, ignore_index=-7, reduction=reduction)
+    else:
+        fn, params = PUBLIC[name]
+        out = fn(s, teacher, labels, ignore_index=-7, reduction=reduction, **params)
+    out.sum().backward()
+    assert torch.all(out == 0)
+    assert s.grad is not None and torch.all(s.grad == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Properties
+# ------------------------------------------------------------------------------------------
+def test_taid_at_t0_is_zero_with_zero_gradient():
+    student, teacher, labels = make_inputs((3, 8), 50, seed=8)
+    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, params={"t": 0.0})
+    assert loss.item() == 0.0
+    # autograd through log_softmax rounds q and p_t differently: zero up to float32 rounding
+    assert g.abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_taid_at_t1_equals_forward_kl(reduction):
+    student, teacher, labels = make_inputs((3, 8), 50, seed=9)
+    taid, g_taid = run_ours("taid", student, teacher, labels, ignore_index=42,
+                            reduction=reduction, params={"t": 1.0})
+    fkl, g_fkl = run_ours("fkl", student, teacher, labels, ignore_index=42, reduction=reduction)
+    torch.testing.assert_close(taid, fkl, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_taid, g_fkl, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identical_student_and_teacher_give_zero(name):
+    student, _, labels = make_inputs((4, 5), 40, seed=10)
+    loss, g = run_ours(name, student, student.clone(), labels, ignore_index=42)
+    assert abs(loss.item()) < 1e-6
+    assert g.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("t", [0.0, 0.2, 0.73, 1.0])
+def test_taid_gradient_is_q_minus_pt_over_valid_tokens(t):
+    student, teacher, labels = make_inputs((5, 7), 33, seed=11)
+    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, grad_scale=1.0,
+                       params={"t": t})
+    valid = labels != 42
+    q = torch.softmax(student.double(), -1)
+    pt = torch.softmax((1 - t) * student.double() + t * teacher.double(), -1)
+    expected = torch.where(valid[..., None], (q - pt) / valid.sum(), 0.0)
+    torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_taid_interpolates_logits_not_probabilities():
+    """A probability mixture (skew KL) is a different method; pin the logit-space target."""
+    s = torch.tensor([[2.0, 0.0, -2.0]])
+    z = torch.tensor([[-2.0, 0.0, 2.0]])
+    t = 0.5
+    # logit-space midpoint is uniform; a probability mixture is not
+    per = TF.taid_loss(s, z, t=t, reduction="none")
+    q = torch.softmax(s, -1)
+    uniform = torch.full_like(q, 1 / 3)
+    expected = (uniform * (uniform.log() - q.log())).sum()
+    torch.testing.assert_close(per[0], expected)
+
+
+def test_teacher_never_receives_gradient():
+    student, teacher, labels = make_inputs((2, 3), 10, seed=12)
+    for name, (fn, params) in PUBLIC.items():
+        s = student.clone().requires_grad_(True)
+        z = teacher.clone().requires_grad_(True)
+        fn(s, z, labels, ignore_index=42, **params).backward()
+        assert z.grad is None, name
+        assert s.grad is not None, name
+
+
+def test_forward_and_reverse_kl_sanity_values():
+    """A hand-computed case, independent of the reference code."""
+    s = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    z = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    fkl = 0.25 * math.log(0.5) + 0.5 * math.log(2.0)
+    rkl = 0.5 * math.log(2.0) + 0.25 * math.log(0.5)
+    assert TF.forward_kl(s, z).item() == pytest.approx(fkl, abs=1e-7)
+    assert TF.reverse_kl(s, z).item() == pytest.approx(rkl, abs=1e-7)
+    assert TF.tvd(s, z).item() == pytest.approx(0.25, abs=1e-7)
+
+
+def test_skew_with_alpha_zero_reduces_to_plain_kl():
+    student, teacher, labels = make_inputs((3, 4), 21, seed=13)
+    torch.testing.assert_close(TF.skew_kl(student, teacher, labels, alpha=0.0, ignore_index=42),
+                               TF.forward_kl(student, teacher, labels, ignore_index=42))
+    torch.testing.assert_close(
+        TF.skew_reverse_kl(student, teacher, labels, alpha=0.0, ignore_index=42),
+        TF.reverse_kl(student, teacher, labels, ignore_index=42))
+
+
+def test_adaptive_kl_head_is_mapped_back_to_vocabulary_order():
+    """Regression: the reference code computed the head in sorted order and applied it in
+    vocabulary order. Teacher mass sits on the LAST token, so an unmapped mask would put the
+    first token in the head instead."""
+    z = torch.log(torch.tensor([[0.05, 0.05, 0.9]]))
+    s = torch.log(torch.tensor([[0.2, 0.2, 0.6]]))
+    gap = torch.tensor([0.15, 0.15, 0.3])
+    w_head = 0.3 / gap.sum()  # head = {token 2} only
+    expected = (w_head * TF.forward_kl(s, z) + (1 - w_head) * TF.reverse_kl(s, z))
+    torch.testing.assert_close(TF.adaptive_kl(s, z, mu=0.5), expected)
+
+
+def test_cross_entropy_matches_torch_with_custom_ignore_index():
+    student, _, labels = make_inputs((3, 47), 123, seed=14)
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    ours = TF.cross_entropy(s1, labels, ignore_index=42)
+    ref = torch.nn.functional.cross_entropy(s2.reshape(-1, 123), labels.reshape(-1),
+                                            ignore_index=42)
+    (2 * ours).backward()
+    (2 * ref).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_batch_of_8_equals_8_batches_of_1(name):
+    """Token-weighted normalisation: summed losses over micro-batches divided by the tokens of
+    the whole step reproduce the full-batch mean, loss and gradient (TRL's invariant)."""
+    student, teacher, labels = make_inputs((8, 13), 45, seed=15, mask_frac=0.4)
+    fn, params = PUBLIC[name]
+    s_full = student.clone().requires_grad_(True)
+    full = fn(s_full, teacher, labels, ignore_index=42, **params)
+    full.backward()
+    s_micro = student.clone().requires_grad_(True)
+    n_total = (labels != 42).sum()
+    total = 0.0
+    for i in range(8):
+        part = fn(s_micro[i:i + 1], teacher[i:i + 1], labels[i:i + 1], ignore_index=42,
+                  reduction="sum", **params) / n_total
+        part.backward()
+        total += part.item()
+    assert total == pytest.approx(full.item(), rel=1e-5)
+    torch.testing.assert_close(s_micro.grad, s_full.grad, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# Vocabulary widths
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_vocab_size_slices_padded_rows(name):
+    student, teacher, labels = make_inputs((3, 5), 64, seed=16)
+    padded_student = torch.cat([student, torch.randn(3, 5, 7)], dim=-1)  # 71 rows
+    padded_teacher = torch.cat([teacher, torch.randn(3, 5, 2)], dim=-1)  # 66 rows
+    fn, params = PUBLIC[name]
+    s = padded_student.clone().requires_grad_(True)
+    out = fn(s, padded_teacher, labels, ignore_index=42, vocab_size=64, **params)
+    out.backward()
+    ref, g_ref = run_ours(name, student, teacher, labels, ignore_index=42, grad_scale=1.0)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s.grad[..., :64], g_ref)
+    assert torch.all(s.grad[..., 64:] == 0)
+
+
+def test_width_mismatch_without_vocab_size_names_both_and_the_fix():
+    s, z = torch.randn(1, 151936), torch.randn(1, 152064)
+    with pytest.raises(ValueError, match=r"151936.*152064.*vocab_size"):
+        TF.taid_loss(s, z, t=0.5)
+
+
+def test_vocab_size_larger_than_width_is_refused():
+    with pytest.raises(ValueError, match="vocab_size=20"):
+        TF.forward_kl(torch.randn(2, 10), torch.randn(2, 12), vocab_size=20)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3, 10\).*\(2, 4, 10\)"):
+        TF.forward_kl(torch.randn(2, 3, 10), torch.randn(2, 4, 10))
+
+
+def test_label_shape_mismatch_is_explained():
+    with pytest.raises(ValueError, match=r"labels shape \(2, 4\).*\(2, 3\)"):
+        TF.forward_kl(torch.randn(2, 3, 10), torch.randn(2, 3, 10), torch.zeros(2, 4).long())
+
+
+def test_float_labels_are_refused():
+    with pytest.raises(TypeError, match="integer"):
+        TF.forward_kl(torch.randn(2, 10), torch.randn(2, 10), torch.zeros(2))
+
+
+@pytest.mark.parametrize("t", [-0.01, 1.01, float("nan")])
+def test_t_outside_unit_interval_is_refused(t):
+    with pytest.raises(ValueError, match="t must be in"):
+        TF.taid_loss(torch.randn(2, 10), torch.randn(2, 10), t=t)
+
+
+@pytest.mark.parametrize("fn,kw", [(TF.jsd, {"beta": 0.0}), (TF.jsd, {"beta": 1.0}),
+                                   (TF.skew_kl, {"alpha": 1.0}), (TF.adaptive_kl, {"mu": 0.0})])
+def test_hyperparameters_out_of_range_are_refused(fn, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        fn(torch.randn(2, 10), torch.randn(2, 10), **kw)
+
+
+def test_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction"):
+        TF.forward_kl(torch.randn(2, 10), torch.randn(2, 10), reduction="batchmean")
+
+
+def test_cross_entropy_label_outside_vocabulary_is_explained():
+    with pytest.raises(ValueError, match=r"label 10 is outside the vocabulary \[0, 10\)"):
+        TF.cross_entropy(torch.randn(2, 10), torch.tensor([3, 10]))

@@ -1,0 +1,180 @@
+"""Loss modules and the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taid
+from taid import LOSSES, TAIDLoss, build_loss, functional as TF
+
+
+def inputs(seed=0, shape=(2, 9), V=31, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, V, generator=g)
+    z = torch.randn(*shape, V, generator=g)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[:, :3] = ignore_index
+    return s, z, labels
+
+
+def test_registry_names():
+    assert list(LOSSES) == ["taid", "fkl", "rkl", "tvd", "jsd", "skl", "srkl", "akl", "sft"]
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid names: taid, fkl.*sft.*Did you mean 'fkl'"):
+        build_loss("fk1")
+
+
+def test_unknown_keyword_names_what_is_accepted():
+    with pytest.raises(ValueError, match=r"does not take \['temperature'\].*t_start"):
+        build_loss("taid", total_steps=10, temperature=2.0)
+    with pytest.raises(ValueError, match="does not take"):
+        build_loss("sft", distill_weight=0.5)
+
+
+@pytest.mark.parametrize("name,fn,params", [
+    ("fkl", TF.forward_kl, {}),
+    ("rkl", TF.reverse_kl, {}),
+    ("tvd", TF.tvd, {}),
+    ("jsd", TF.jsd, {"beta": 0.25}),
+    ("skl", TF.skew_kl, {"alpha": 0.3}),
+    ("srkl", TF.skew_reverse_kl, {"alpha": 0.3}),
+    ("akl", TF.adaptive_kl, {"mu": 0.7}),
+])
+def test_modules_equal_their_functions(name, fn, params):
+    s, z, labels = inputs(ignore_index=7)
+    module = build_loss(name, ignore_index=7, **params)
+    torch.testing.assert_close(module(s, z, labels), fn(s, z, labels, ignore_index=7, **params))
+
+
+def test_defaults_follow_the_paper():
+    assert build_loss("jsd").beta == 0.1
+    assert build_loss("skl").alpha == 0.1
+    assert build_loss("srkl").alpha == 0.1
+    assert build_loss("akl").mu == 0.5
+    sched = build_loss("taid", total_steps=5).scheduler
+    assert (sched.t_start, sched.t_end, sched.alpha, sched.beta) == (0.4, 1.0, 5e-4, 0.99)
+
+
+def test_taid_module_uses_current_t_and_forward_never_changes_state():
+    s, z, labels = inputs()
+    loss_fn = TAIDLoss(t_start=0.3, total_steps=10)
+    before = loss_fn.state_dict()
+    out = loss_fn(s, z, labels)
+    loss_fn(s, z, labels)
+    assert loss_fn.state_dict() == before
+    torch.testing.assert_close(out, TF.taid_loss(s, z, labels, t=0.3))
+
+
+def test_taid_step_advances_t_and_state_dict_restores_it():
+    s, z, labels = inputs()
+    a = TAIDLoss(alpha=0.05, total_steps=100)
+    for k in range(5):
+        a.step(a.compute(s * (1 + 0.1 * k), z, labels).distill)
+    assert a.t > 0.4
+    b = TAIDLoss(alpha=0.05, total_steps=100)
+    b.load_state_dict(a.state_dict())
+    assert b.t == a.t and b.scheduler.state_dict() == a.scheduler.state_dict()
+    torch.testing.assert_close(b(s, z, labels), a(s, z, labels))
+
+
+def test_taid_state_survives_torch_save(tmp_path):
+    a = TAIDLoss(alpha=0.05, total_steps=100)
+    a.step(2.0)
+    a.step(1.0)
+    torch.save(a.state_dict(), tmp_path / "loss.pt")
+    b = TAIDLoss(alpha=0.05, total_steps=100)
+    b.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True))
+    assert b.t == a.t and b.scheduler.prev_loss == 1.0
+
+
+def test_taid_accepts_a_scheduler_instance():
+    sched = taid.TAIDScheduler(t_start=0.2, total_steps=3, adaptive=False)
+    loss_fn = TAIDLoss(sched)
+    assert loss_fn.scheduler is sched
+    for J in (3.0, 2.0, 1.0):
+        loss_fn.step(J)
+    assert loss_fn.t == pytest.approx(0.2 + 0.8 * 2 / 3)
+
+
+def test_static_losses_have_a_no_op_step():
+    loss_fn = build_loss("fkl")
+    assert loss_fn.step(1.0) is None
+    assert loss_fn.state_dict() == {}
+
+
+@pytest.mark.parametrize("name", ["taid", "fkl", "jsd", "akl"])
+def test_ce_mixing_is_a_convex_combination(name):
+    s, z, labels = inputs(ignore_index=3)
+    kw = {"total_steps": 10} if name == "taid" else {}
+    mixed = build_loss(name, distill_weight=0.3, ignore_index=3, **kw)
+    pure = build_loss(name, ignore_index=3, **kw)
+    out = mixed.compute(s, z, labels)
+    ce = TF.cross_entropy(s, labels, ignore_index=3)
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.distill, pure(s, z, labels))
+    torch.testing.assert_close(out.loss, 0.7 * ce + 0.3 * pure(s, z, labels))
+    assert out.num_tokens.item() == int((labels != 3).sum())
+
+
+def test_no_hidden_ce_by_default():
+    s, z, labels = inputs()
+    out = build_loss("fkl").compute(s, z, labels)
+    assert out.ce is None
+    torch.testing.assert_close(out.loss, TF.forward_kl(s, z, labels))
+
+
+def test_mixing_needs_labels():
+    s, z, _ = inputs()
+    with pytest.raises(ValueError, match="needs labels"):
+        build_loss("fkl", distill_weight=0.5)(s, z)
+
+
+def test_sft_is_cross_entropy_and_ignores_the_teacher():
+    s, z, labels = inputs(ignore_index=0)
+    sft = build_loss("sft", ignore_index=0)
+    ref = torch.nn.functional.cross_entropy(s.reshape(-1, 31), labels.reshape(-1), ignore_index=0)
+    torch.testing.assert_close(sft(s, None, labels), ref)
+    torch.testing.assert_close(sft(s, z, labels), ref)
+    out = sft.compute(s, z, labels)
+    assert out.distill is None
+
+
+def test_sum_reduction_and_token_count_for_global_normalisation():
+    s, z, labels = inputs()
+    loss_fn = build_loss("taid", total_steps=10, reduction="sum")
+    out = loss_fn.compute(s, z, labels)
+    mean = TF.taid_loss(s, z, labels, t=0.4)
+    torch.testing.assert_close(out.loss / out.num_tokens, mean)
+
+
+def test_vocab_size_through_the_module():
+    s, z, labels = inputs(V=40)
+    loss_fn = build_loss("fkl", vocab_size=32)
+    torch.testing.assert_close(loss_fn(s, z[..., :35], labels),
+                               TF.forward_kl(s[..., :32], z[..., :32], labels))
+
+
+def test_bad_module_settings():
+    with pytest.raises(ValueError, match="distill_weight"):
+        build_loss("fkl", distill_weight=1.5)
+    with pytest.raises(ValueError, match="beta"):
+        build_loss("jsd", beta=1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        build_loss("taid")
+    with pytest.raises(ValueError, match="reduction"):
+        build_loss("rkl", reduction="batchmean")
+
+
+def test_loss_parameters_lists_defaults():
+    params = taid.loss_parameters("jsd")
+    assert params["beta"].default == 0.1
+    assert {"distill_weight", "ignore_index", "reduction", "vocab_size"} <= set(params)
+    assert "distill_weight" not in taid.loss_parameters("sft")
+
+
+def test_repr_shows_the_settings():
+    assert "t=0.4" in repr(build_loss("taid", total_steps=3))
+    assert "beta=0.1" in repr(build_loss("jsd"))
