@@ -14,7 +14,8 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from taid import TAIDLoss, functional as TF
+from taid import TAIDLoss
+from taid import functional as TF
 
 VOCAB, SEQ, BATCH = 64, 32, 16
 

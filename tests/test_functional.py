@@ -1,9 +1,5 @@
-"""Every divergence against a deliberately naive float64 reference: values and gradients.
-
-The reference loops over positions, builds each distribution with explicit exp/sum in float64,
-and skips vocabulary slots whose weight is exactly zero (0 * log 0 = 0). Its gradient comes from
-autograd through that float64 code, so a wrong analytic shortcut in the library cannot hide.
-"""
+"""Every divergence on logits against the naive float64 reference (tests/reference.py):
+values and gradients, for the eager and the chunked implementations."""
 
 from __future__ import annotations
 
@@ -12,123 +8,44 @@ import math
 import pytest
 import torch
 
+from reference import PARAMS, make_inputs, reference
 from taid import functional as TF
 
 torch.set_num_threads(2)
 
 # name -> (public function, hyperparameters used in the tests)
 PUBLIC = {
-    "taid": (TF.taid_loss, {"t": 0.37}),
-    "fkl": (TF.forward_kl, {}),
-    "rkl": (TF.reverse_kl, {}),
-    "tvd": (TF.tvd, {}),
-    "jsd": (TF.jsd, {"beta": 0.3}),
-    "skl": (TF.skew_kl, {"alpha": 0.2}),
-    "srkl": (TF.skew_reverse_kl, {"alpha": 0.2}),
-    "akl": (TF.adaptive_kl, {"mu": 0.5}),
+    name: (fn, PARAMS[name])
+    for name, fn in [("taid", TF.taid_loss), ("fkl", TF.forward_kl), ("rkl", TF.reverse_kl),
+                     ("tvd", TF.tvd), ("jsd", TF.jsd), ("skl", TF.skew_kl),
+                     ("srkl", TF.skew_reverse_kl), ("akl", TF.adaptive_kl)]
 }
 NAMES = list(PUBLIC)
 
 
 # ------------------------------------------------------------------------------------------
-# Naive float64 reference
-# ------------------------------------------------------------------------------------------
-def _softmax(x: torch.Tensor) -> torch.Tensor:
-    finite = x[torch.isfinite(x)]
-    e = torch.exp(x - finite.max())  # exp(-inf) = 0
-    return e / e.sum()
-
-
-def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over a > 0 of a * (log a - log b)."""
-    keep = a > 0
-    return (a[keep] * (torch.log(a[keep]) - torch.log(b[keep]))).sum()
-
-
-def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict) -> torch.Tensor:
-    q = _softmax(s)
-    p = _softmax(z)
-    if name == "taid":
-        t = params["t"]
-        sd = s.detach()
-        both_inf = torch.isinf(sd) & torch.isinf(z)
-        mixed = torch.where(both_inf, sd, (1 - t) * sd + t * z)
-        pt = _softmax(mixed)
-        return _kl(pt, q)
-    if name == "fkl":
-        return _kl(p, q)
-    if name == "rkl":
-        return _kl(q, p)
-    if name == "tvd":
-        return 0.5 * (p - q).abs().sum()
-    if name == "jsd":
-        b = params["beta"]
-        m = b * p + (1 - b) * q
-        return b * _kl(p, m) + (1 - b) * _kl(q, m)
-    if name == "skl":
-        a = params["alpha"]
-        return _kl(p, a * p + (1 - a) * q)
-    if name == "srkl":
-        a = params["alpha"]
-        return _kl(q, (1 - a) * p + a * q)
-    if name == "akl":
-        mu = params["mu"]
-        order = sorted(range(len(p)), key=lambda i: -p[i].item())
-        head = torch.zeros(len(p), dtype=torch.bool)
-        mass = 0.0
-        for i in order:
-            if mass < mu:
-                head[i] = True
-            mass += p[i].item()
-        gap = (p - q).abs().detach()
-        gh, gt = gap[head].sum(), gap[~head].sum()
-        wh, wt = gh / (gh + gt), gt / (gh + gt)
-        return wh * _kl(p, q) + wt * _kl(q, p)
-    raise KeyError(name)
-
-
-def reference(name, student, teacher, labels, params, ignore_index=-100, reduction="mean"):
-    """Loss of float64 copies, looping over every position."""
-    V = student.shape[-1]
-    s_all = student.reshape(-1, V)
-    z_all = teacher.detach().double().reshape(-1, V)
-    lab = None if labels is None else labels.reshape(-1)
-    per_pos = []
-    for i in range(s_all.shape[0]):
-        if lab is not None and lab[i].item() == ignore_index:
-            per_pos.append(s_all.new_zeros(()))
-        else:
-            per_pos.append(_ref_row(name, s_all[i], z_all[i], params))
-    per_pos = torch.stack(per_pos)
-    n_valid = s_all.shape[0] if lab is None else int((lab != ignore_index).sum())
-    if reduction == "sum":
-        return per_pos.sum()
-    if reduction == "mean":
-        return per_pos.sum() / max(n_valid, 1)
-    return per_pos.reshape(student.shape[:-1])
-
-
-# ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
-def make_inputs(shape, V, *, dtype=torch.float32, ignore_index=42, mask_frac=0.25, seed=0,
-                scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    student = (scale * torch.randn(*shape, V, generator=g)).to(dtype)
-    teacher = (scale * torch.randn(*shape, V, generator=g)).to(dtype)
-    labels = torch.randint(0, V, shape, generator=g)
-    labels[labels == ignore_index] = (ignore_index + 1) % V
-    masked = torch.rand(shape, generator=g) < mask_frac
-    labels[masked] = ignore_index
-    return student, teacher, labels
+# implementation -> keyword arguments: eager autograd, chunked with the default chunk size, and
+# chunked with 7 rows per chunk (does not divide the number of valid rows in the tests)
+IMPLS = {
+    "eager": {"implementation": "eager"},
+    "chunked": {"implementation": "chunked"},
+    "chunked-7": {"implementation": "chunked", "chunk_size": 7},
+}
+
+
+@pytest.fixture(params=list(IMPLS))
+def impl(request):
+    return request.param
 
 
 def run_ours(name, student, teacher, labels, *, ignore_index, reduction="mean", grad_scale=2.0,
-             params=None):
+             params=None, impl="chunked"):
     fn, default_params = PUBLIC[name]
     s = student.clone().requires_grad_(True)
     out = fn(s, teacher, labels, ignore_index=ignore_index, reduction=reduction,
-             **(default_params if params is None else params))
+             **(default_params if params is None else params), **IMPLS[impl])
     (out * grad_scale).sum().backward()
     return out, s.grad
 
@@ -147,10 +64,11 @@ def run_reference(name, student, teacher, labels, *, ignore_index, reduction="me
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_reference_odd_shape_masked(name, reduction):
+def test_matches_reference_odd_shape_masked(name, reduction, impl):
     student, teacher, labels = make_inputs((3, 47), 123, ignore_index=42)
     assert (labels == 42).float().mean() > 0.15  # a real share of positions is masked
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, reduction=reduction)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl,
+                       reduction=reduction)
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42,
                                reduction=reduction)
     assert ours.dtype == torch.float32
@@ -162,18 +80,19 @@ def test_matches_reference_odd_shape_masked(name, reduction):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape,V", [((17,), 5), ((2, 3, 5), 31), ((1, 1), 2)])
-def test_matches_reference_other_shapes_default_ignore_index(name, shape, V):
+def test_matches_reference_other_shapes_default_ignore_index(name, shape, V, impl):
     student, teacher, labels = make_inputs(shape, V, ignore_index=-100, seed=1)
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=-100, grad_scale=0.5)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=-100, impl=impl,
+                       grad_scale=0.5)
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=-100, grad_scale=0.5)
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_labels_none_counts_every_position(name):
+def test_labels_none_counts_every_position(name, impl):
     student, teacher, _ = make_inputs((4, 9), 37, seed=2)
-    ours, g = run_ours(name, student, teacher, None, ignore_index=-100)
+    ours, g = run_ours(name, student, teacher, None, ignore_index=-100, impl=impl)
     ref, g_ref = run_reference(name, student, teacher, None, ignore_index=-100)
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
@@ -181,9 +100,9 @@ def test_labels_none_counts_every_position(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_compute_in_float32(name, dtype):
+def test_half_precision_inputs_compute_in_float32(name, dtype, impl):
     student, teacher, labels = make_inputs((3, 47), 123, dtype=dtype, seed=3)
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl)
     # The reference sees the same rounded inputs, so only the float32 arithmetic and the
     # rounding of the returned gradient to the input dtype differ.
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
@@ -194,12 +113,12 @@ def test_half_precision_inputs_compute_in_float32(name, dtype):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_neg_inf_vocabulary_slots(name):
+def test_neg_inf_vocabulary_slots(name, impl):
     student, teacher, labels = make_inputs((3, 11), 29, seed=4)
     masked_vocab = torch.tensor([0, 5, 6, 28])
     student[..., masked_vocab] = -math.inf
     teacher[..., masked_vocab] = -math.inf
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl)
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
     assert torch.isfinite(ours).all() and torch.isfinite(g).all()
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
@@ -208,11 +127,11 @@ def test_neg_inf_vocabulary_slots(name):
 
 
 @pytest.mark.parametrize("name", ["taid", "fkl", "tvd", "jsd", "skl", "srkl"])
-def test_teacher_only_neg_inf_stays_finite(name):
+def test_teacher_only_neg_inf_stays_finite(name, impl):
     """The teacher rules a token out (p = 0) while the student still gives it mass."""
     student, teacher, labels = make_inputs((2, 7), 19, seed=5)
     teacher[..., 3] = -math.inf
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl)
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42)
     assert torch.isfinite(ours).all() and torch.isfinite(g).all()
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
@@ -220,11 +139,11 @@ def test_teacher_only_neg_inf_stays_finite(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_huge_negative_padding_logits_do_not_overflow(name):
+def test_huge_negative_padding_logits_do_not_overflow(name, impl):
     student, teacher, labels = make_inputs((2, 5), 13, seed=6)
     student[..., -3:] = -3e38
     teacher[..., -3:] = -3e38
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl)
     assert torch.isfinite(ours).all() and torch.isfinite(g).all()
     ref_s, ref_t = student[..., :-3], teacher[..., :-3]
     ref, g_ref = run_reference(name, ref_s, ref_t, labels, ignore_index=42)
@@ -234,15 +153,16 @@ def test_huge_negative_padding_logits_do_not_overflow(name):
 
 @pytest.mark.parametrize("name", NAMES + ["ce"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction):
+def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction, impl):
     student, teacher, labels = make_inputs((2, 6), 17, seed=7)
     labels.fill_(-7)
     s = student.clone().requires_grad_(True)
     if name == "ce":
-        out = TF.cross_entropy(s, labels, ignore_index=-7, reduction=reduction)
+        out = TF.cross_entropy(s, labels, ignore_index=-7, reduction=reduction, **IMPLS[impl])
     else:
         fn, params = PUBLIC[name]
-        out = fn(s, teacher, labels, ignore_index=-7, reduction=reduction, **params)
+        out = fn(s, teacher, labels, ignore_index=-7, reduction=reduction, **params,
+                 **IMPLS[impl])
     out.sum().backward()
     assert torch.all(out == 0)
     assert s.grad is not None and torch.all(s.grad == 0)
@@ -251,36 +171,40 @@ def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction):
 # ------------------------------------------------------------------------------------------
 # Properties
 # ------------------------------------------------------------------------------------------
-def test_taid_at_t0_is_zero_with_zero_gradient():
+def test_taid_at_t0_is_zero_with_zero_gradient(impl):
     student, teacher, labels = make_inputs((3, 8), 50, seed=8)
-    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, params={"t": 0.0})
+    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl,
+                       params={"t": 0.0})
     assert loss.item() == 0.0
-    # autograd through log_softmax rounds q and p_t differently: zero up to float32 rounding
-    assert g.abs().max() < 1e-7
+    if impl == "eager":  # autograd rounds q and p_t differently: zero up to float32 rounding
+        assert g.abs().max() < 1e-7
+    else:  # the analytic gradient q - p_t is exactly zero
+        assert torch.all(g == 0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_taid_at_t1_equals_forward_kl(reduction):
+def test_taid_at_t1_equals_forward_kl(reduction, impl):
     student, teacher, labels = make_inputs((3, 8), 50, seed=9)
-    taid, g_taid = run_ours("taid", student, teacher, labels, ignore_index=42,
+    taid, g_taid = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl,
                             reduction=reduction, params={"t": 1.0})
-    fkl, g_fkl = run_ours("fkl", student, teacher, labels, ignore_index=42, reduction=reduction)
+    fkl, g_fkl = run_ours("fkl", student, teacher, labels, ignore_index=42, impl=impl,
+                          reduction=reduction)
     torch.testing.assert_close(taid, fkl, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g_taid, g_fkl, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_identical_student_and_teacher_give_zero(name):
+def test_identical_student_and_teacher_give_zero(name, impl):
     student, _, labels = make_inputs((4, 5), 40, seed=10)
-    loss, g = run_ours(name, student, student.clone(), labels, ignore_index=42)
+    loss, g = run_ours(name, student, student.clone(), labels, ignore_index=42, impl=impl)
     assert abs(loss.item()) < 1e-6
     assert g.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("t", [0.0, 0.2, 0.73, 1.0])
-def test_taid_gradient_is_q_minus_pt_over_valid_tokens(t):
+def test_taid_gradient_is_q_minus_pt_over_valid_tokens(t, impl):
     student, teacher, labels = make_inputs((5, 7), 33, seed=11)
-    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, grad_scale=1.0,
+    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl, grad_scale=1.0,
                        params={"t": t})
     valid = labels != 42
     q = torch.softmax(student.double(), -1)
@@ -302,12 +226,12 @@ def test_taid_interpolates_logits_not_probabilities():
     torch.testing.assert_close(per[0], expected)
 
 
-def test_teacher_never_receives_gradient():
+def test_teacher_never_receives_gradient(impl):
     student, teacher, labels = make_inputs((2, 3), 10, seed=12)
     for name, (fn, params) in PUBLIC.items():
         s = student.clone().requires_grad_(True)
         z = teacher.clone().requires_grad_(True)
-        fn(s, z, labels, ignore_index=42, **params).backward()
+        fn(s, z, labels, ignore_index=42, **params, **IMPLS[impl]).backward()
         assert z.grad is None, name
         assert s.grad is not None, name
 
@@ -344,11 +268,11 @@ def test_adaptive_kl_head_is_mapped_back_to_vocabulary_order():
     torch.testing.assert_close(TF.adaptive_kl(s, z, mu=0.5), expected)
 
 
-def test_cross_entropy_matches_torch_with_custom_ignore_index():
+def test_cross_entropy_matches_torch_with_custom_ignore_index(impl):
     student, _, labels = make_inputs((3, 47), 123, seed=14)
     s1 = student.clone().requires_grad_(True)
     s2 = student.clone().requires_grad_(True)
-    ours = TF.cross_entropy(s1, labels, ignore_index=42)
+    ours = TF.cross_entropy(s1, labels, ignore_index=42, **IMPLS[impl])
     ref = torch.nn.functional.cross_entropy(s2.reshape(-1, 123), labels.reshape(-1),
                                             ignore_index=42)
     (2 * ours).backward()
@@ -358,20 +282,20 @@ def test_cross_entropy_matches_torch_with_custom_ignore_index():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_one_batch_of_8_equals_8_batches_of_1(name):
+def test_one_batch_of_8_equals_8_batches_of_1(name, impl):
     """Token-weighted normalisation: summed losses over micro-batches divided by the tokens of
     the whole step reproduce the full-batch mean, loss and gradient (TRL's invariant)."""
     student, teacher, labels = make_inputs((8, 13), 45, seed=15, mask_frac=0.4)
     fn, params = PUBLIC[name]
     s_full = student.clone().requires_grad_(True)
-    full = fn(s_full, teacher, labels, ignore_index=42, **params)
+    full = fn(s_full, teacher, labels, ignore_index=42, **params, **IMPLS[impl])
     full.backward()
     s_micro = student.clone().requires_grad_(True)
     n_total = (labels != 42).sum()
     total = 0.0
     for i in range(8):
         part = fn(s_micro[i:i + 1], teacher[i:i + 1], labels[i:i + 1], ignore_index=42,
-                  reduction="sum", **params) / n_total
+                  reduction="sum", **params, **IMPLS[impl]) / n_total
         part.backward()
         total += part.item()
     assert total == pytest.approx(full.item(), rel=1e-5)
@@ -382,15 +306,17 @@ def test_one_batch_of_8_equals_8_batches_of_1(name):
 # Vocabulary widths
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_vocab_size_slices_padded_rows(name):
+def test_vocab_size_slices_padded_rows(name, impl):
     student, teacher, labels = make_inputs((3, 5), 64, seed=16)
     padded_student = torch.cat([student, torch.randn(3, 5, 7)], dim=-1)  # 71 rows
     padded_teacher = torch.cat([teacher, torch.randn(3, 5, 2)], dim=-1)  # 66 rows
     fn, params = PUBLIC[name]
     s = padded_student.clone().requires_grad_(True)
-    out = fn(s, padded_teacher, labels, ignore_index=42, vocab_size=64, **params)
+    out = fn(s, padded_teacher, labels, ignore_index=42, vocab_size=64, **params,
+             **IMPLS[impl])
     out.backward()
-    ref, g_ref = run_ours(name, student, teacher, labels, ignore_index=42, grad_scale=1.0)
+    ref, g_ref = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl,
+                          grad_scale=1.0)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s.grad[..., :64], g_ref)
     assert torch.all(s.grad[..., 64:] == 0)

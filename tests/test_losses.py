@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import taid
-from taid import LOSSES, TAIDLoss, build_loss, functional as TF
+from taid import LOSSES, TAIDLoss, build_loss
+from taid import functional as TF
 
 
 def inputs(seed=0, shape=(2, 9), V=31, ignore_index=-100):

@@ -6,13 +6,13 @@ floor. The baseline divergences share the same interface; ``build_loss`` names t
 """
 
 from taid import functional
+from taid.functional import LossOutput
 from taid.losses import (
     LOSSES,
     AdaptiveKLLoss,
     DistillationLoss,
     ForwardKLLoss,
     JSDLoss,
-    LossOutput,
     ReverseKLLoss,
     SFTLoss,
     SkewKLLoss,

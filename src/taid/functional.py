@@ -1,68 +1,62 @@
-"""Pure math of TAID and the baseline divergences.
+"""Public functions: TAID, the baseline divergences and cross-entropy, on logits or fused with
+the student's output layer.
 
-Every loss here follows one pattern:
+Every function validates its inputs the same way, then computes one of two ways:
 
-1. :func:`prepare` checks shapes, slices both vocabularies to a shared width, upcasts to
-   float32, replaces ``-inf`` vocabulary slots by a large finite negative number and keeps only
-   the positions whose label is not ``ignore_index``.
-2. A *per-token kernel* (one small function per divergence, registered in :data:`DIVERGENCES`)
-   maps ``[n, V]`` student and teacher logits to ``[n]`` per-token losses. Kernels are plain,
-   differentiable torch code; the teacher side never carries gradient.
-3. :func:`reduce` turns per-token losses into ``"mean"`` (over valid tokens), ``"sum"`` or
-   ``"none"`` (per position, 0 where masked).
+- ``implementation="chunked"`` (default): :mod:`taid.chunked` walks the valid tokens in chunks
+  with analytic gradients; extra memory is the gradient buffer plus a few ``chunk x V``
+  temporaries.
+- ``implementation="eager"``: autograd through the kernels of :mod:`taid.divergences` on all
+  valid tokens at once; several ``N x V`` temporaries. For debugging and double backward.
 
 Notation per position: ``z_s`` student logits, ``z_T`` teacher logits, ``q = softmax(z_s)``,
-``p = softmax(z_T)``. All arithmetic is float32 whatever the input dtype.
+``p = softmax(z_T)``. Arithmetic is float32 whatever the input dtype. ``-inf`` logits
+(masked vocabulary slots) contribute 0, and a batch without valid tokens gives 0, never NaN.
+
+Shapes: logits ``[..., V]``; ``labels`` ``[...]`` aligned with the logits (position ``i``
+predicts ``labels[i]``; shift them before calling); ``labels=None`` counts every position.
+Reductions: ``"mean"`` over valid tokens, ``"sum"`` (for loops that divide by the valid tokens of
+a whole optimizer step), ``"none"`` (per position, 0 where masked; logits path only).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from taid import chunked as C
+from taid import divergences as D
+
 Reduction = Literal["mean", "sum", "none"]
+Implementation = Literal["chunked", "eager"]
 _REDUCTIONS = ("mean", "sum", "none")
-
-# Stand-in for -inf logits. Large enough that exp() underflows to exactly 0 after any convex
-# interpolation (TAID mixes two logits with weights summing to 1), small enough that sums and
-# differences of two of them never overflow to -inf, which would turn 0 * inf into NaN.
-MASKED_LOGIT = torch.finfo(torch.float32).min / 8
-
-Kernel = Callable[..., Tensor]
+_IMPLEMENTATIONS = ("chunked", "eager")
 
 
-# --------------------------------------------------------------------------------------------
-# Input handling
-# --------------------------------------------------------------------------------------------
-class Prepared(NamedTuple):
-    """Flattened, validated inputs of a loss.
+class LossOutput(NamedTuple):
+    """What a training loop needs from one loss call.
 
     Attributes:
-        student: ``[n_valid, V']`` float32 student logits (keeps the graph to the input).
-        teacher: ``[n_valid, V']`` float32 teacher logits, detached; ``None`` when not given.
-        labels: ``[n_valid]`` labels of the valid positions; ``None`` when not given.
-        mask: ``[N]`` bool, which of the ``N`` flattened positions are valid.
-        shape: the leading shape ``logits.shape[:-1]`` (for ``reduction="none"``).
+        loss: what to backpropagate: ``(1 - w) * ce + w * distill``, reduced.
+        distill: the divergence term, reduced, without gradient (drives TAID's schedule);
+            ``None`` for cross-entropy alone.
+        ce: cross-entropy on the labels, reduced, without gradient; ``None`` unless mixed in.
+        num_tokens: number of valid positions (int64 scalar): the denominator of ``"mean"``,
+            for token-weighted normalisation across micro-batches and ranks.
     """
 
-    student: Tensor
-    teacher: Tensor | None
-    labels: Tensor | None
-    mask: Tensor
-    shape: torch.Size
+    loss: Tensor
+    distill: Tensor | None
+    ce: Tensor | None
+    num_tokens: Tensor
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
 def resolve_vocab(student_width: int, teacher_width: int | None, vocab_size: int | None) -> int:
     """The vocabulary width both sides are sliced to.
 
@@ -96,13 +90,6 @@ def resolve_vocab(student_width: int, teacher_width: int | None, vocab_size: int
     return vocab_size
 
 
-def _as_float_logits(x: Tensor, width: int) -> Tensor:
-    if not x.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got dtype {x.dtype}")
-    x = x[..., :width] if x.shape[-1] != width else x
-    return x.float().clamp_min(MASKED_LOGIT)
-
-
 def valid_mask(labels: Tensor | None, leading_shape: torch.Size, ignore_index: int,
                device: torch.device) -> Tensor:
     """``[N]`` bool mask of the positions that count (``labels != ignore_index``)."""
@@ -119,217 +106,60 @@ def valid_mask(labels: Tensor | None, leading_shape: torch.Size, ignore_index: i
     return labels.reshape(-1) != ignore_index
 
 
-def prepare(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor | None,
-    *,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
-) -> Prepared:
-    """Validate, slice, upcast and mask the inputs of a loss.
-
-    Args:
-        student_logits: ``[..., V_s]`` student logits (any float dtype).
-        teacher_logits: ``[..., V_T]`` teacher logits, or ``None`` (cross-entropy only).
-        labels: ``[...]`` integer labels aligned with the logits, or ``None`` (all positions).
-        ignore_index: label value of the positions to exclude.
-        vocab_size: shared tokenizer length both widths are sliced to; required when
-            ``V_s != V_T``.
-
-    Returns:
-        A :class:`Prepared` with only the valid rows, in float32.
-    """
-    if student_logits.dim() < 1:
-        raise ValueError("student_logits must have a vocabulary dimension, got a scalar")
-    leading = student_logits.shape[:-1]
-    teacher_width = None
-    if teacher_logits is not None:
-        if teacher_logits.shape[:-1] != leading:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits "
-                f"{tuple(teacher_logits.shape)} must have the same shape except the last "
-                f"(vocabulary) dimension"
-            )
-        teacher_width = teacher_logits.shape[-1]
-    width = resolve_vocab(student_logits.shape[-1], teacher_width, vocab_size)
-    mask = valid_mask(labels, leading, ignore_index, student_logits.device)
-
-    student = _as_float_logits(student_logits, width).reshape(-1, width)[mask]
-    teacher = None
-    if teacher_logits is not None:
-        teacher = _as_float_logits(teacher_logits.detach(), width).reshape(-1, width)[mask]
-    flat_labels = None if labels is None else labels.reshape(-1)[mask]
-    return Prepared(student, teacher, flat_labels, mask, leading)
+def _check_float(name: str, x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def reduce(per_token: Tensor, mask: Tensor, shape: torch.Size, reduction: Reduction) -> Tensor:
-    """Reduce ``[n_valid]`` per-token losses.
-
-    ``"mean"`` divides the sum by the number of valid tokens (0 when there are none, never
-    NaN); ``"sum"`` is for loops that divide by a global token count themselves; ``"none"``
-    returns ``shape`` with 0 at masked positions.
-    """
-    if reduction == "sum":
-        return per_token.sum()
-    if reduction == "mean":
-        return per_token.sum() / mask.sum().clamp_min(1)
-    out = per_token.new_zeros(mask.shape[0])
-    return out.masked_scatter(mask, per_token).reshape(shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-token kernels: [n, V] float32 student and teacher logits -> [n] losses
-# --------------------------------------------------------------------------------------------
-def _kl(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
-    """sum_v p[v] * (log p[v] - log r[v]); p = 0 slots contribute exactly 0 (inputs finite)."""
-    return (p * (log_p - log_r)).sum(-1)
+def _objective(divergence: str | None, distill_weight: float, params: dict[str, float],
+               has_teacher: bool, has_labels: bool) -> C.Objective:
+    if divergence is None:
+        if params:
+            raise ValueError(f"cross-entropy takes no divergence parameters, got {sorted(params)}")
+        distill_weight = 0.0
+    else:
+        params = D.check_params(divergence, params)
+        if not has_teacher:
+            raise ValueError(f"divergence {divergence!r} needs the teacher, got None")
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+    if distill_weight < 1.0 and not has_labels:
+        raise ValueError("cross-entropy on the labels (distill_weight < 1 or SFT) needs labels, "
+                         "got None")
+    return C.Objective(divergence, params, float(distill_weight))
 
 
-def taid_per_token(student: Tensor, teacher: Tensor, *, t: float) -> Tensor:
-    """KL(p_t || q) with p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T).
-
-    The gradient w.r.t. ``z_s`` is ``q - p_t``. Interpolation is in logit space: a probability
-    mixture would be skew KL, a different method.
-    """
-    log_pt = torch.log_softmax((1.0 - t) * student.detach() + t * teacher, dim=-1)
-    return _kl(log_pt.exp(), log_pt, torch.log_softmax(student, dim=-1))
-
-
-def forward_kl_per_token(student: Tensor, teacher: Tensor) -> Tensor:
-    """KL(p || q)."""
-    log_p = torch.log_softmax(teacher, dim=-1)
-    return _kl(log_p.exp(), log_p, torch.log_softmax(student, dim=-1))
+def _check_labels_in_vocab(labels: Tensor, width: int, ignore_index: int) -> None:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= width):
+        bad = labels[(labels < 0) | (labels >= width)][0].item()
+        raise ValueError(
+            f"label {bad} is outside the vocabulary [0, {width}) and is not ignore_index "
+            f"({ignore_index}); check the tokenizer, the padding label and ignore_index"
+        )
 
 
-def reverse_kl_per_token(student: Tensor, teacher: Tensor) -> Tensor:
-    """KL(q || p)."""
-    log_q = torch.log_softmax(student, dim=-1)
-    return _kl(log_q.exp(), log_q, torch.log_softmax(teacher, dim=-1))
+def _check_options(reduction: str, implementation: str, chunk_size: int | None) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def tvd_per_token(student: Tensor, teacher: Tensor) -> Tensor:
-    """0.5 * sum_v |p[v] - q[v]|."""
-    return 0.5 * (torch.softmax(teacher, dim=-1) - torch.softmax(student, dim=-1)).abs().sum(-1)
-
-
-def _log_mix(log_a: Tensor, weight_a: float, log_b: Tensor) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), formed in log space for stability."""
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-
-
-def jsd_per_token(student: Tensor, teacher: Tensor, *, beta: float) -> Tensor:
-    """Generalized JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta p + (1-beta) q."""
-    log_p = torch.log_softmax(teacher, dim=-1)
-    log_q = torch.log_softmax(student, dim=-1)
-    log_m = _log_mix(log_p, beta, log_q)
-    return beta * _kl(log_p.exp(), log_p, log_m) + (1.0 - beta) * _kl(log_q.exp(), log_q, log_m)
-
-
-def skew_kl_per_token(student: Tensor, teacher: Tensor, *, alpha: float) -> Tensor:
-    """Skew KL: KL(p || alpha * p + (1 - alpha) * q)."""
-    log_p = torch.log_softmax(teacher, dim=-1)
-    log_q = torch.log_softmax(student, dim=-1)
-    return _kl(log_p.exp(), log_p, _log_mix(log_p, alpha, log_q))
-
-
-def skew_reverse_kl_per_token(student: Tensor, teacher: Tensor, *, alpha: float) -> Tensor:
-    """Skew reverse KL: KL(q || (1 - alpha) * p + alpha * q)."""
-    log_p = torch.log_softmax(teacher, dim=-1)
-    log_q = torch.log_softmax(student, dim=-1)
-    return _kl(log_q.exp(), log_q, _log_mix(log_q, alpha, log_p))
-
-
-def adaptive_kl_per_token(student: Tensor, teacher: Tensor, *, mu: float) -> Tensor:
-    """Adaptive KL: head/tail-weighted sum of forward and reverse KL.
-
-    The head is the smallest set of teacher tokens, taken in descending probability, whose
-    cumulative mass reaches ``mu``. With ``g = |p - q|`` summed over head and tail,
-    ``loss = g_head / (g_head + g_tail) * KL(p||q) + g_tail / (g_head + g_tail) * KL(q||p)``;
-    the weights carry no gradient. The split is computed in sorted order and mapped back to
-    vocabulary order (the reference code applied the sorted mask in vocabulary order).
-    """
-    log_p = torch.log_softmax(teacher, dim=-1)
-    log_q = torch.log_softmax(student, dim=-1)
-    p, q = log_p.exp(), log_q.exp()
+def _reduce_detached(per_token: Tensor | None, idx: Tensor, n_rows: int, shape: torch.Size,
+                     reduction: str) -> Tensor | None:
+    if per_token is None:
+        return None
     with torch.no_grad():
-        p_sorted, order = p.sort(dim=-1, descending=True)
-        mass_before = p_sorted.cumsum(dim=-1) - p_sorted
-        head = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, mass_before < mu)
-        gap = (p - q).abs()
-        g_head = (gap * head).sum(-1)
-        g_total = gap.sum(-1)
-        w_head = torch.where(g_total > 0, g_head / g_total.clamp_min(1e-30), 0.5)
-    return w_head * _kl(p, log_p, log_q) + (1.0 - w_head) * _kl(q, log_q, log_p)
-
-
-def cross_entropy_per_token(student: Tensor, labels: Tensor) -> Tensor:
-    """-log q[label] for each valid position."""
-    return F.cross_entropy(student, labels, reduction="none")
-
-
-DIVERGENCES: dict[str, Kernel] = {
-    "taid": taid_per_token,
-    "fkl": forward_kl_per_token,
-    "rkl": reverse_kl_per_token,
-    "tvd": tvd_per_token,
-    "jsd": jsd_per_token,
-    "skl": skew_kl_per_token,
-    "srkl": skew_reverse_kl_per_token,
-    "akl": adaptive_kl_per_token,
-}
-"""Per-token kernel of every divergence, by registry name."""
-
-
-def _check_unit(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> float:
-    value = float(value)
-    lo_ok = value > 0 if low_open else value >= 0
-    hi_ok = value < 1 if high_open else value <= 1
-    if not (lo_ok and hi_ok):
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
-
-
-def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
-    """Validate a divergence's hyperparameters; returns them as floats."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; valid: {sorted(DIVERGENCES)}")
-    expected = {name for name, p in inspect.signature(DIVERGENCES[divergence]).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
-    if set(params) != expected:
-        raise ValueError(f"divergence {divergence!r} takes parameters {sorted(expected)}, "
-                         f"got {sorted(params)}")
-    checks = {
-        "t": dict(),
-        "beta": dict(low_open=True, high_open=True),
-        "alpha": dict(high_open=True),
-        "mu": dict(low_open=True),
-    }
-    return {k: _check_unit(k, v, **checks[k]) for k, v in params.items()}
+        return C.reduce_rows(per_token.detach(), idx, n_rows, reduction).reshape(
+            shape if reduction == "none" else ())
 
 
 # --------------------------------------------------------------------------------------------
-# The one entry point every loss goes through
+# The entry points every loss goes through
 # --------------------------------------------------------------------------------------------
-class LossTerms(NamedTuple):
-    """What a training loop needs from one loss call.
-
-    Attributes:
-        distill: the reduced divergence (``None`` for cross-entropy only).
-        ce: the reduced cross-entropy on the labels (``None`` unless requested).
-        num_tokens: number of valid positions (int64 scalar), the denominator of ``"mean"``.
-    """
-
-    distill: Tensor | None
-    ce: Tensor | None
-    num_tokens: Tensor
-
-
 def loss_terms(
     divergence: str | None,
     student_logits: Tensor,
@@ -339,139 +169,369 @@ def loss_terms(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     vocab_size: int | None = None,
-    with_ce: bool = False,
+    distill_weight: float = 1.0,
+    implementation: Implementation = "chunked",
+    chunk_size: int | None = None,
+    teacher: C.TeacherSource | None = None,
     **params: float,
-) -> LossTerms:
-    """Compute a divergence and, optionally, cross-entropy on the labels in one pass.
+) -> LossOutput:
+    """``(1 - w) * CE + w * divergence`` on logits, with its parts and the valid-token count.
 
     Args:
-        divergence: a key of :data:`DIVERGENCES`, or ``None`` for cross-entropy only.
+        divergence: a key of :data:`taid.divergences.DIVERGENCES`, or ``None`` for
+            cross-entropy alone.
         student_logits: ``[..., V_s]``.
-        teacher_logits: ``[..., V_T]``; required when ``divergence`` is given.
-        labels: ``[...]`` aligned with the logits; required for cross-entropy.
+        teacher_logits: ``[..., V_T]`` (or ``None`` with ``teacher`` given, or for CE alone).
+        labels: ``[...]`` aligned with the logits; required when ``w < 1``.
         ignore_index: label value that excludes a position.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         vocab_size: shared tokenizer length when the widths differ.
-        with_ce: also return cross-entropy on the labels.
+        distill_weight: ``w``; 1 is the pure divergence.
+        implementation: ``"chunked"`` or ``"eager"``.
+        chunk_size: rows per chunk (chunked only); ``None`` picks one from ``N`` and ``V``.
+        teacher: a :class:`taid.chunked.TeacherSource` over the flattened rows, instead of
+            ``teacher_logits`` (e.g. a teacher cache).
         **params: the divergence's hyperparameters (``t``, ``beta``, ``alpha``, ``mu``).
     """
-    _check_reduction(reduction)
-    if divergence is not None:
-        params = check_params(divergence, params)
-        if teacher_logits is None:
-            raise ValueError(f"divergence {divergence!r} needs teacher_logits, got None")
-    elif params:
-        raise ValueError(f"cross-entropy takes no divergence parameters, got {sorted(params)}")
-    want_ce = with_ce or divergence is None
-    if want_ce and labels is None:
-        raise ValueError("cross-entropy on the labels needs labels, got None")
-    x = prepare(student_logits, teacher_logits if divergence else None, labels,
-                ignore_index=ignore_index, vocab_size=vocab_size)
-
-    distill = ce = None
-    if divergence is not None:
-        distill = reduce(DIVERGENCES[divergence](x.student, x.teacher, **params), x.mask, x.shape,
-                         reduction)
-    if want_ce:
-        width = x.student.shape[-1]
-        if x.labels.numel() and (x.labels.min() < 0 or x.labels.max() >= width):
-            bad = x.labels[(x.labels < 0) | (x.labels >= width)][0].item()
+    _check_options(reduction, implementation, chunk_size)
+    _check_float("student_logits", student_logits)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have a vocabulary dimension, got a scalar")
+    leading = student_logits.shape[:-1]
+    n_rows = math.prod(leading)
+    if divergence is not None and teacher is None and teacher_logits is not None:
+        _check_float("teacher_logits", teacher_logits)
+        if teacher_logits.shape[:-1] != leading:
             raise ValueError(
-                f"label {bad} is outside the vocabulary [0, {width}) and is not ignore_index "
-                f"({ignore_index}); check the tokenizer, the padding label and ignore_index"
+                f"student logits {tuple(student_logits.shape)} and teacher logits "
+                f"{tuple(teacher_logits.shape)} must have the same shape except the last "
+                f"(vocabulary) dimension"
             )
-        ce = reduce(cross_entropy_per_token(x.student, x.labels), x.mask, x.shape, reduction)
-    return LossTerms(distill, ce, x.mask.sum())
+        teacher = C.LogitsTeacher(teacher_logits.detach().reshape(n_rows, -1))
+    if divergence is None:
+        teacher = None
+    objective = _objective(divergence, distill_weight, params, teacher is not None,
+                           labels is not None)
+    width = resolve_vocab(student_logits.shape[-1], None if teacher is None else teacher.width,
+                          vocab_size)
+    mask = valid_mask(labels, leading, ignore_index, student_logits.device)
+    idx = mask.nonzero().squeeze(1)
+    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
+    if objective.distill_weight < 1.0:
+        _check_labels_in_vocab(flat_labels, width, ignore_index)
+    student = student_logits.reshape(n_rows, student_logits.shape[-1])
+
+    if implementation == "eager":
+        s = C.finite_(student[:, :width].index_select(0, idx))
+        z = None if teacher is None else teacher.rows(idx, width)
+        out = D.mixed(s, z, flat_labels, divergence=objective.divergence,
+                      params=objective.params, distill_weight=objective.distill_weight)
+        loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
+        stats = C.ChunkStats(loss.detach(), out.distill, out.ce)
+    else:
+        loss, stats = C.chunked_logits_loss(student, idx, teacher, flat_labels, objective,
+                                            width=width, chunk_size=chunk_size,
+                                            reduction=reduction)
+    if reduction == "none":
+        loss = loss.reshape(leading)
+    return LossOutput(
+        loss,
+        _reduce_detached(stats.distill, idx, n_rows, leading, reduction),
+        _reduce_detached(stats.ce, idx, n_rows, leading, reduction),
+        idx.new_tensor(idx.numel()),
+    )
+
+
+def fused_linear_terms(
+    divergence: str | None,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None = None,
+    *,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum"] = "mean",
+    vocab_size: int | None = None,
+    distill_weight: float = 1.0,
+    chunk_size: int | None = None,
+    teacher_source: C.TeacherSource | None = None,
+    **params: float,
+) -> LossOutput:
+    """Like :func:`loss_terms`, from the student's last hidden states and output layer.
+
+    ``student_logits = student_hidden @ student_weight.T + student_bias`` is formed one chunk
+    of tokens at a time, so the full student logits never exist. Gradients flow to
+    ``student_hidden``, ``student_weight`` and ``student_bias``; tied embeddings work (the
+    weight's gradient accumulates with the embedding's).
+
+    Only a plain linear output layer is exact here: models that soft-cap or scale their final
+    logits must use the logits path (see :func:`taid.models.plain_linear_head`).
+
+    Args:
+        student_hidden: ``[..., H]``.
+        student_weight: ``[V_s, H]`` (same dtype as ``student_hidden``).
+        teacher: teacher logits ``[..., V_T]``, or teacher hidden states ``[..., H_T]`` when
+            ``teacher_weight`` is given.
+        labels: ``[...]``.
+        teacher_weight: ``[V_T, H_T]`` teacher output layer; its logits are formed chunk by chunk.
+        teacher_bias: ``[V_T]`` bias of the teacher output layer.
+        student_bias: ``[V_s]``.
+        reduction: ``"mean"`` or ``"sum"`` (the per-position gradient of ``"none"`` cannot be
+            folded into the weight gradient).
+        teacher_source: a :class:`taid.chunked.TeacherSource` instead of ``teacher``.
+        Other arguments: as :func:`loss_terms`.
+    """
+    _check_options(reduction, "chunked", chunk_size)
+    if reduction == "none":
+        raise ValueError("the fused output-layer path supports reduction 'mean' or 'sum'; use "
+                         "the logits path (loss_terms / taid_loss) for per-position losses")
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        _check_float(name, x)
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = "
+            f"student_hidden's last dimension ({tuple(student_hidden.shape)})")
+    if student_hidden.dtype != student_weight.dtype:
+        raise TypeError(f"student_hidden ({student_hidden.dtype}) and student_weight "
+                        f"({student_weight.dtype}) must share a dtype")
+    if student_bias is not None and student_bias.shape != student_weight.shape[:1]:
+        raise ValueError(f"student_bias {tuple(student_bias.shape)} must be "
+                         f"[{student_weight.shape[0]}]")
+    leading = student_hidden.shape[:-1]
+    n_rows = math.prod(leading)
+    if divergence is not None and teacher_source is None and teacher is not None:
+        if teacher.shape[:-1] != leading:
+            raise ValueError(
+                f"student hidden states {tuple(student_hidden.shape)} and teacher "
+                f"{tuple(teacher.shape)} must have the same shape except the last dimension")
+        flat = teacher.detach().reshape(n_rows, teacher.shape[-1])
+        if teacher_weight is None:
+            teacher_source = C.LogitsTeacher(flat)
+        else:
+            if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher.shape[-1]:
+                raise ValueError(
+                    f"teacher_weight {tuple(teacher_weight.shape)} must be [V_T, H_T] with H_T "
+                    f"= the teacher hidden size {teacher.shape[-1]}")
+            teacher_source = C.LinearTeacher(
+                flat, teacher_weight.detach(),
+                None if teacher_bias is None else teacher_bias.detach())
+    if divergence is None:
+        teacher_source = None
+    objective = _objective(divergence, distill_weight, params, teacher_source is not None,
+                           labels is not None)
+    width = resolve_vocab(student_weight.shape[0],
+                          None if teacher_source is None else teacher_source.width, vocab_size)
+    mask = valid_mask(labels, leading, ignore_index, student_hidden.device)
+    idx = mask.nonzero().squeeze(1)
+    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
+    if objective.distill_weight < 1.0:
+        _check_labels_in_vocab(flat_labels, width, ignore_index)
+    loss, stats = C.fused_linear_loss(
+        student_hidden.reshape(n_rows, -1), student_weight, student_bias, idx, teacher_source,
+        flat_labels, objective, width=width, chunk_size=chunk_size, reduction=reduction)
+    return LossOutput(
+        loss,
+        _reduce_detached(stats.distill, idx, n_rows, leading, reduction),
+        _reduce_detached(stats.ce, idx, n_rows, leading, reduction),
+        idx.new_tensor(idx.numel()),
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# Public functions
+# Public functions on logits
 # --------------------------------------------------------------------------------------------
 def taid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
               t: float, ignore_index: int = -100, reduction: Reduction = "mean",
-              vocab_size: int | None = None) -> Tensor:
-    """TAID: KL(p_t || q), p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T).
+              vocab_size: int | None = None, implementation: Implementation = "chunked",
+              chunk_size: int | None = None) -> Tensor:
+    """TAID: ``KL(p_t || q)``, ``p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)``.
 
     Args:
         student_logits: ``[..., V]`` student logits (gradient flows here only).
         teacher_logits: ``[..., V]`` teacher logits (never receives gradient).
-        labels: ``[...]`` labels aligned with the logits (position i predicts ``labels[i]``);
-            only used to mask ``ignore_index``. ``None`` means every position counts.
+        labels: ``[...]`` labels aligned with the logits; only ``ignore_index`` matters.
+            ``None`` means every position counts.
         t: interpolation coefficient in [0, 1]. ``t = 0`` gives 0; ``t = 1`` is forward KL.
         ignore_index: label value of excluded positions.
-        reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (shape ``[...]``,
-            0 where masked).
+        reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (shape ``[...]``).
         vocab_size: slice both widths to this shared tokenizer length (required if they differ).
+        implementation: ``"chunked"`` (default, memory-lean) or ``"eager"`` (autograd).
+        chunk_size: rows per chunk; ``None`` picks one.
 
     Returns:
         The reduced loss. Per token its gradient w.r.t. ``z_s`` is ``q - p_t``.
     """
     return loss_terms("taid", student_logits, teacher_logits, labels, t=t,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size).distill
+                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      implementation=implementation, chunk_size=chunk_size).loss
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
                ignore_index: int = -100, reduction: Reduction = "mean",
-               vocab_size: int | None = None) -> Tensor:
-    """Forward KL(p || q); arguments as :func:`taid_loss`."""
+               vocab_size: int | None = None, implementation: Implementation = "chunked",
+               chunk_size: int | None = None) -> Tensor:
+    """Forward ``KL(p || q)``; arguments as :func:`taid_loss`."""
     return loss_terms("fkl", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size).distill
+                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
+                      chunk_size=chunk_size).loss
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
                ignore_index: int = -100, reduction: Reduction = "mean",
-               vocab_size: int | None = None) -> Tensor:
-    """Reverse KL(q || p); arguments as :func:`taid_loss`."""
+               vocab_size: int | None = None, implementation: Implementation = "chunked",
+               chunk_size: int | None = None) -> Tensor:
+    """Reverse ``KL(q || p)``; arguments as :func:`taid_loss`."""
     return loss_terms("rkl", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size).distill
+                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
+                      chunk_size=chunk_size).loss
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-        ignore_index: int = -100, reduction: Reduction = "mean",
-        vocab_size: int | None = None) -> Tensor:
-    """Total variation distance 0.5 * sum |p - q|; arguments as :func:`taid_loss`."""
+        ignore_index: int = -100, reduction: Reduction = "mean", vocab_size: int | None = None,
+        implementation: Implementation = "chunked", chunk_size: int | None = None) -> Tensor:
+    """Total variation distance ``0.5 * sum |p - q|``; arguments as :func:`taid_loss`."""
     return loss_terms("tvd", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size).distill
+                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
+                      chunk_size=chunk_size).loss
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
         beta: float = 0.1, ignore_index: int = -100, reduction: Reduction = "mean",
-        vocab_size: int | None = None) -> Tensor:
-    """Generalized JSD with ``m = beta p + (1 - beta) q``, ``beta`` in (0, 1):
-    ``beta * KL(p || m) + (1 - beta) * KL(q || m)``; arguments as :func:`taid_loss`."""
+        vocab_size: int | None = None, implementation: Implementation = "chunked",
+        chunk_size: int | None = None) -> Tensor:
+    """Generalized JSD, ``m = beta p + (1 - beta) q`` with ``beta`` in (0, 1):
+    ``beta KL(p || m) + (1 - beta) KL(q || m)``; arguments as :func:`taid_loss`."""
     return loss_terms("jsd", student_logits, teacher_logits, labels, beta=beta,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size).distill
+                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      implementation=implementation, chunk_size=chunk_size).loss
 
 
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
             alpha: float = 0.1, ignore_index: int = -100, reduction: Reduction = "mean",
-            vocab_size: int | None = None) -> Tensor:
-    """Skew KL(p || alpha p + (1 - alpha) q), ``alpha`` in [0, 1); arguments as
+            vocab_size: int | None = None, implementation: Implementation = "chunked",
+            chunk_size: int | None = None) -> Tensor:
+    """Skew ``KL(p || alpha p + (1 - alpha) q)``, ``alpha`` in [0, 1); arguments as
     :func:`taid_loss`."""
     return loss_terms("skl", student_logits, teacher_logits, labels, alpha=alpha,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size).distill
+                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      implementation=implementation, chunk_size=chunk_size).loss
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
                     *, alpha: float = 0.1, ignore_index: int = -100,
-                    reduction: Reduction = "mean", vocab_size: int | None = None) -> Tensor:
-    """Skew reverse KL(q || (1 - alpha) p + alpha q), ``alpha`` in [0, 1); arguments as
+                    reduction: Reduction = "mean", vocab_size: int | None = None,
+                    implementation: Implementation = "chunked",
+                    chunk_size: int | None = None) -> Tensor:
+    """Skew reverse ``KL(q || (1 - alpha) p + alpha q)``, ``alpha`` in [0, 1); arguments as
     :func:`taid_loss`."""
     return loss_terms("srkl", student_logits, teacher_logits, labels, alpha=alpha,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size).distill
+                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      implementation=implementation, chunk_size=chunk_size).loss
 
 
 def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
                 mu: float = 0.5, ignore_index: int = -100, reduction: Reduction = "mean",
-                vocab_size: int | None = None) -> Tensor:
-    """Adaptive KL (see :func:`adaptive_kl_per_token`), ``mu`` in (0, 1]; arguments as
+                vocab_size: int | None = None, implementation: Implementation = "chunked",
+                chunk_size: int | None = None) -> Tensor:
+    """Adaptive KL (see :func:`taid.divergences.adaptive_kl`), ``mu`` in (0, 1]; arguments as
     :func:`taid_loss`."""
     return loss_terms("akl", student_logits, teacher_logits, labels, mu=mu,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size).distill
+                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      implementation=implementation, chunk_size=chunk_size).loss
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
-                  reduction: Reduction = "mean", vocab_size: int | None = None) -> Tensor:
-    """Cross-entropy -log q[label] on the labels (plain SFT), float32, same masking."""
+                  reduction: Reduction = "mean", vocab_size: int | None = None,
+                  implementation: Implementation = "chunked",
+                  chunk_size: int | None = None) -> Tensor:
+    """Cross-entropy ``-log q[label]`` on the labels (plain SFT), float32, same masking."""
     return loss_terms(None, student_logits, None, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size).ce
+                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
+                      chunk_size=chunk_size).loss
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions fused with the output layer
+# --------------------------------------------------------------------------------------------
+def fused_linear_taid_loss(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                           labels: Tensor | None = None, *, t: float,
+                           teacher_weight: Tensor | None = None,
+                           student_bias: Tensor | None = None, ignore_index: int = -100,
+                           reduction: Literal["mean", "sum"] = "mean",
+                           chunk_size: int | None = None,
+                           vocab_size: int | None = None) -> Tensor:
+    """TAID without materialising the student's logits.
+
+    ``z_s = student_hidden @ student_weight.T (+ student_bias)`` is formed chunk by chunk;
+    ``teacher`` is teacher logits ``[..., V_T]``, or teacher hidden states ``[..., H_T]`` when
+    ``teacher_weight [V_T, H_T]`` is given. Gradients flow to ``student_hidden``,
+    ``student_weight`` and ``student_bias``. Other arguments as :func:`taid_loss`; see
+    :func:`fused_linear_terms`.
+    """
+    return fused_linear_terms("taid", student_hidden, student_weight, teacher, labels, t=t,
+                              teacher_weight=teacher_weight, student_bias=student_bias,
+                              ignore_index=ignore_index, reduction=reduction,
+                              chunk_size=chunk_size, vocab_size=vocab_size).loss
+
+
+def fused_linear_forward_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                            labels: Tensor | None = None, **kwargs) -> Tensor:
+    """:func:`forward_kl` fused with the output layer; arguments as
+    :func:`fused_linear_taid_loss` without ``t``."""
+    return fused_linear_terms("fkl", student_hidden, student_weight, teacher, labels,
+                              **kwargs).loss
+
+
+def fused_linear_reverse_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                            labels: Tensor | None = None, **kwargs) -> Tensor:
+    """:func:`reverse_kl` fused with the output layer."""
+    return fused_linear_terms("rkl", student_hidden, student_weight, teacher, labels,
+                              **kwargs).loss
+
+
+def fused_linear_tvd(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                     labels: Tensor | None = None, **kwargs) -> Tensor:
+    """:func:`tvd` fused with the output layer."""
+    return fused_linear_terms("tvd", student_hidden, student_weight, teacher, labels,
+                              **kwargs).loss
+
+
+def fused_linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                     labels: Tensor | None = None, *, beta: float = 0.1, **kwargs) -> Tensor:
+    """:func:`jsd` fused with the output layer."""
+    return fused_linear_terms("jsd", student_hidden, student_weight, teacher, labels, beta=beta,
+                              **kwargs).loss
+
+
+def fused_linear_skew_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                         labels: Tensor | None = None, *, alpha: float = 0.1,
+                         **kwargs) -> Tensor:
+    """:func:`skew_kl` fused with the output layer."""
+    return fused_linear_terms("skl", student_hidden, student_weight, teacher, labels,
+                              alpha=alpha, **kwargs).loss
+
+
+def fused_linear_skew_reverse_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                                 labels: Tensor | None = None, *, alpha: float = 0.1,
+                                 **kwargs) -> Tensor:
+    """:func:`skew_reverse_kl` fused with the output layer."""
+    return fused_linear_terms("srkl", student_hidden, student_weight, teacher, labels,
+                              alpha=alpha, **kwargs).loss
+
+
+def fused_linear_adaptive_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
+                             labels: Tensor | None = None, *, mu: float = 0.5,
+                             **kwargs) -> Tensor:
+    """:func:`adaptive_kl` fused with the output layer."""
+    return fused_linear_terms("akl", student_hidden, student_weight, teacher, labels, mu=mu,
+                              **kwargs).loss
+
+
+def fused_linear_cross_entropy(student_hidden: Tensor, student_weight: Tensor, labels: Tensor,
+                               **kwargs) -> Tensor:
+    """Cross-entropy on the labels fused with the output layer."""
+    return fused_linear_terms(None, student_hidden, student_weight, None, labels,
+                              **kwargs).loss

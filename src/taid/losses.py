@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from taid import functional as TF
+from taid.divergences import check_params
+from taid.functional import LossOutput
 from taid.scheduler import TAIDScheduler
-
-
-class LossOutput(NamedTuple):
-    """Result of :meth:`DistillationLoss.compute`.
-
-    Attributes:
-        loss: what to backpropagate, ``(1 - w) * ce + w * distill``.
-        distill: the divergence term alone (drives TAID's schedule); ``None`` for SFT.
-        ce: cross-entropy on the labels, ``None`` when not mixed in.
-        num_tokens: number of valid positions (int64 scalar), for token-weighted normalisation
-            across micro-batches and ranks with ``reduction="sum"``.
-    """
-
-    loss: Tensor
-    distill: Tensor | None
-    ce: Tensor | None
-    num_tokens: Tensor
 
 
 class DistillationLoss(nn.Module):
@@ -43,6 +28,9 @@ class DistillationLoss(nn.Module):
         ignore_index: label value of positions to exclude.
         reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (per position).
         vocab_size: shared tokenizer length when student and teacher widths differ.
+        implementation: ``"chunked"`` (default: analytic gradients, a chunk of tokens at a
+            time, no full-vocabulary temporaries) or ``"eager"`` (autograd; for debugging).
+        chunk_size: rows per chunk; ``None`` picks one from the number of tokens and ``V``.
 
     Shapes:
         student_logits ``[..., V_s]``, teacher_logits ``[..., V_T]``, labels ``[...]`` aligned
@@ -52,36 +40,50 @@ class DistillationLoss(nn.Module):
     divergence: ClassVar[str | None] = None
 
     def __init__(self, *, distill_weight: float = 1.0, ignore_index: int = -100,
-                 reduction: TF.Reduction = "mean", vocab_size: int | None = None) -> None:
+                 reduction: TF.Reduction = "mean", vocab_size: int | None = None,
+                 implementation: TF.Implementation = "chunked",
+                 chunk_size: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
-        TF._check_reduction(reduction)
+        TF._check_options(reduction, implementation, chunk_size)
         self.distill_weight = float(distill_weight)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.vocab_size = vocab_size
+        self.implementation = implementation
+        self.chunk_size = chunk_size
 
     def divergence_params(self) -> dict[str, float]:
         """Hyperparameters passed to the divergence kernel at this moment."""
         return {}
 
+    def _common(self) -> dict[str, Any]:
+        return dict(ignore_index=self.ignore_index, reduction=self.reduction,
+                    vocab_size=self.vocab_size, distill_weight=self.distill_weight,
+                    chunk_size=self.chunk_size, **self.divergence_params())
+
     def compute(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
                 labels: Tensor | None = None) -> LossOutput:
-        """The loss with its parts and the valid-token count; does not change any state."""
-        w = self.distill_weight
-        terms = TF.loss_terms(
-            self.divergence, student_logits, teacher_logits, labels,
-            ignore_index=self.ignore_index, reduction=self.reduction, vocab_size=self.vocab_size,
-            with_ce=w < 1.0, **self.divergence_params(),
-        )
-        if terms.distill is None:
-            loss = terms.ce
-        elif terms.ce is None:
-            loss = terms.distill
-        else:
-            loss = (1.0 - w) * terms.ce + w * terms.distill
-        return LossOutput(loss, terms.distill, terms.ce, terms.num_tokens)
+        """The loss with its parts and the valid-token count; does not change any state.
+
+        Shapes: ``student_logits [..., V_s]``, ``teacher_logits [..., V_T]``, ``labels [...]``.
+        """
+        return TF.loss_terms(self.divergence, student_logits, teacher_logits, labels,
+                             implementation=self.implementation, **self._common())
+
+    def compute_fused(self, student_hidden: Tensor, student_weight: Tensor,
+                      teacher: Tensor | None = None, labels: Tensor | None = None, *,
+                      student_bias: Tensor | None = None, teacher_weight: Tensor | None = None,
+                      teacher_bias: Tensor | None = None) -> LossOutput:
+        """As :meth:`compute`, from the student's last hidden states ``[..., H]`` and output
+        layer ``[V_s, H]`` so that the full student logits never exist. ``teacher`` is teacher
+        logits, or teacher hidden states when ``teacher_weight`` is given. See
+        :func:`taid.functional.fused_linear_terms`."""
+        return TF.fused_linear_terms(
+            self.divergence, student_hidden, student_weight, teacher, labels,
+            student_bias=student_bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+            **self._common())
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
                 labels: Tensor | None = None) -> Tensor:
@@ -94,7 +96,8 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         params = {**self.divergence_params(), "distill_weight": self.distill_weight,
-                  "ignore_index": self.ignore_index, "reduction": self.reduction}
+                  "ignore_index": self.ignore_index, "reduction": self.reduction,
+                  "implementation": self.implementation}
         if self.vocab_size is not None:
             params["vocab_size"] = self.vocab_size
         return ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -123,9 +126,12 @@ class TAIDLoss(DistillationLoss):
                  t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
                  total_steps: int | None = None, adaptive: bool = True,
                  distill_weight: float = 1.0, ignore_index: int = -100,
-                 reduction: TF.Reduction = "mean", vocab_size: int | None = None) -> None:
+                 reduction: TF.Reduction = "mean", vocab_size: int | None = None,
+                 implementation: TF.Implementation = "chunked",
+                 chunk_size: int | None = None) -> None:
         super().__init__(distill_weight=distill_weight, ignore_index=ignore_index,
-                         reduction=reduction, vocab_size=vocab_size)
+                         reduction=reduction, vocab_size=vocab_size,
+                         implementation=implementation, chunk_size=chunk_size)
         if scheduler is None:
             scheduler = TAIDScheduler(t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,
                                       total_steps=total_steps, adaptive=adaptive)
@@ -175,7 +181,7 @@ class JSDLoss(DistillationLoss):
 
     def __init__(self, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.beta = TF.check_params("jsd", {"beta": beta})["beta"]
+        self.beta = check_params("jsd", {"beta": beta})["beta"]
 
     def divergence_params(self) -> dict[str, float]:
         return {"beta": self.beta}
@@ -188,7 +194,7 @@ class SkewKLLoss(DistillationLoss):
 
     def __init__(self, alpha: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha = TF.check_params("skl", {"alpha": alpha})["alpha"]
+        self.alpha = check_params("skl", {"alpha": alpha})["alpha"]
 
     def divergence_params(self) -> dict[str, float]:
         return {"alpha": self.alpha}
@@ -207,7 +213,7 @@ class AdaptiveKLLoss(DistillationLoss):
 
     def __init__(self, mu: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.mu = TF.check_params("akl", {"mu": mu})["mu"]
+        self.mu = check_params("akl", {"mu": mu})["mu"]
 
     def divergence_params(self) -> dict[str, float]:
         return {"mu": self.mu}
@@ -219,9 +225,11 @@ class SFTLoss(DistillationLoss):
     divergence = None
 
     def __init__(self, *, ignore_index: int = -100, reduction: TF.Reduction = "mean",
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, implementation: TF.Implementation = "chunked",
+                 chunk_size: int | None = None) -> None:
         super().__init__(distill_weight=0.0, ignore_index=ignore_index, reduction=reduction,
-                         vocab_size=vocab_size)
+                         vocab_size=vocab_size, implementation=implementation,
+                         chunk_size=chunk_size)
 
 
 LOSSES: dict[str, type[DistillationLoss]] = {

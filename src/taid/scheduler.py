@@ -55,8 +55,7 @@ class TAIDScheduler:
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
                  beta: float = 0.99, total_steps: int | None = None, adaptive: bool = True) -> None:
-        if total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int) \
-                or total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(
                 f"total_steps must be a positive int (the number of optimizer steps of the run, "
                 f"which sets the linear floor of t), got {total_steps!r}"

@@ -1,0 +1,258 @@
+"""Per-token kernels: the math of TAID and of every baseline divergence.
+
+A kernel maps float32 student logits ``s`` and teacher logits ``z`` of shape ``[n, V]`` (finite:
+``-inf`` already replaced by :data:`MASKED_LOGIT`) to the per-token loss ``[n]`` and, when asked,
+its gradient w.r.t. ``s`` ``[n, V]``::
+
+    loss, grad = kernel(s, z, need_grad=..., **params)
+
+- ``need_grad=False``: the loss is plain differentiable torch code (the eager path
+  backpropagates through it with autograd; the teacher side never carries gradient).
+- ``need_grad=True`` (called under ``torch.no_grad``): also returns the analytic gradient of
+  ``loss.sum()``, computed with in-place operations to keep temporaries few (the chunked path).
+
+Notation: ``q = softmax(s)``, ``p = softmax(z)``. For a loss written in terms of ``log q``
+with ``h = dL/d(log q)``, the gradient w.r.t. the logits is ``h - q * sum(h)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Stand-in for -inf logits. Large enough that exp() underflows to exactly 0 after any convex
+# interpolation (TAID mixes two logits with weights summing to 1), small enough that sums of
+# two or three of them never overflow to -inf, which would turn 0 * inf into NaN.
+MASKED_LOGIT = torch.finfo(torch.float32).min / 8
+
+KernelOut = tuple[Tensor, Tensor | None]
+Kernel = Callable[..., KernelOut]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product ``sum_v a[:, v] * b[:, v]``."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _through_log_softmax(h: Tensor, q: Tensor) -> Tensor:
+    """Gradient w.r.t. logits from ``h = dL/d(log q)``: ``h - q * sum(h)`` (in place on h)."""
+    return h.sub_(q * h.sum(-1, keepdim=True))
+
+
+def _log_mix(log_a: Tensor, weight_a: float, log_b: Tensor) -> Tensor:
+    """``log(weight_a * a + (1 - weight_a) * b)``, formed in log space for stability."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def taid(s: Tensor, z: Tensor, *, t: float, need_grad: bool = False) -> KernelOut:
+    """TAID: ``KL(p_t || q)`` with ``p_t = softmax((1 - t) * stopgrad(s) + t * z)``.
+
+    Gradient: ``q - p_t``. Interpolation is in logit space (a probability mixture would be
+    skew KL, a different method).
+    """
+    log_q = torch.log_softmax(s, dim=-1)
+    log_pt = torch.log_softmax(torch.lerp(s.detach(), z, t), dim=-1)
+    pt = log_pt.exp()
+    loss = _dot(pt, log_pt - log_q)
+    return loss, (log_q.exp_().sub_(pt) if need_grad else None)
+
+
+def forward_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
+    """``KL(p || q)``; gradient ``q - p``."""
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    loss = _dot(p, log_p - log_q)
+    return loss, (log_q.exp_().sub_(p) if need_grad else None)
+
+
+def reverse_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
+    """``KL(q || p)``; gradient ``q * (log q - log p - KL)``."""
+    log_q = torch.log_softmax(s, dim=-1)
+    diff = log_q - torch.log_softmax(z, dim=-1)
+    q = log_q.exp()
+    loss = _dot(q, diff)
+    return loss, (diff.sub_(loss[:, None]).mul_(q) if need_grad else None)
+
+
+def tvd(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
+    """``0.5 * sum |p - q|``; ``h = 0.5 * q * sign(q - p)``."""
+    q = torch.softmax(s, dim=-1)
+    diff = q - torch.softmax(z, dim=-1)
+    loss = 0.5 * diff.abs().sum(-1)
+    if not need_grad:
+        return loss, None
+    return loss, _through_log_softmax(diff.sign_().mul_(q).mul_(0.5), q)
+
+
+def jsd(s: Tensor, z: Tensor, *, beta: float, need_grad: bool = False) -> KernelOut:
+    """Generalized JSD ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1-beta) q``.
+
+    ``dL/dq = (1 - beta) (log q - log m)``.
+    """
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(s, dim=-1)
+    log_m = _log_mix(log_p, beta, log_q)
+    q = log_q.exp()
+    q_term = log_q - log_m
+    loss = beta * _dot(log_p.exp(), log_p - log_m) + (1.0 - beta) * _dot(q, q_term)
+    if not need_grad:
+        return loss, None
+    return loss, _through_log_softmax(q_term.mul_(q).mul_(1.0 - beta), q)
+
+
+def skew_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = False) -> KernelOut:
+    """Skew KL ``KL(p || m)``, ``m = alpha p + (1 - alpha) q``; ``h = -(1-alpha) p q / m``."""
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(s, dim=-1)
+    log_m = _log_mix(log_p, alpha, log_q)
+    loss = _dot(log_p.exp(), log_p - log_m)
+    if not need_grad:
+        return loss, None
+    h = (log_p + log_q).sub_(log_m).exp_().mul_(alpha - 1.0)
+    return loss, _through_log_softmax(h, log_q.exp_())
+
+
+def skew_reverse_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = False) -> KernelOut:
+    """Skew reverse KL ``KL(q || m)``, ``m = (1 - alpha) p + alpha q``;
+    ``h = q (log q - log m + 1) - alpha q^2 / m``."""
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(s, dim=-1)
+    log_m = _log_mix(log_q, alpha, log_p)
+    q = log_q.exp()
+    q_term = log_q - log_m
+    loss = _dot(q, q_term)
+    if not need_grad:
+        return loss, None
+    h = q_term.add_(1.0).mul_(q)
+    if alpha > 0.0:
+        h.sub_((2.0 * log_q).sub_(log_m).exp_().mul_(alpha))
+    return loss, _through_log_softmax(h, q)
+
+
+def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> KernelOut:
+    """Adaptive KL: ``w_head KL(p||q) + (1 - w_head) KL(q||p)``.
+
+    The head is the smallest set of teacher tokens, taken in descending probability, whose
+    cumulative mass reaches ``mu``; ``w_head = g_head / (g_head + g_tail)`` with
+    ``g = |p - q|`` summed over head and tail, without gradient. The split is computed in sorted
+    order and mapped back to vocabulary order (the reference code applied the sorted mask in
+    vocabulary order).
+    """
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(s, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    with torch.no_grad():
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        mass_before = p_sorted.cumsum(dim=-1).sub_(p_sorted)
+        head = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, mass_before < mu)
+        gap = (p - q).abs_()
+        g_total = gap.sum(-1)
+        w_head = torch.where(g_total > 0, _dot(gap, head.float()) / g_total.clamp_min(1e-30), 0.5)
+        del p_sorted, order, mass_before, head, gap
+    diff = log_q - log_p  # log q - log p
+    fkl = -_dot(p, diff)
+    rkl = _dot(q, diff)
+    loss = w_head * fkl + (1.0 - w_head) * rkl
+    if not need_grad:
+        return loss, None
+    # w_head (q - p) + (1 - w_head) q (log q - log p - rkl)
+    grad = diff.sub_(rkl[:, None]).mul_(q).mul_((1.0 - w_head)[:, None])
+    return loss, grad.add_(q.sub_(p).mul_(w_head[:, None]))
+
+
+def cross_entropy(s: Tensor, labels: Tensor, *, need_grad: bool = False) -> KernelOut:
+    """``-log q[label]``; gradient ``q - onehot(label)``."""
+    log_q = torch.log_softmax(s, dim=-1)
+    loss = -log_q.gather(-1, labels[:, None]).squeeze(-1)
+    if not need_grad:
+        return loss, None
+    grad = log_q.exp_()
+    grad.scatter_add_(-1, labels[:, None], grad.new_full((labels.shape[0], 1), -1.0))
+    return loss, grad
+
+
+class Mixed(NamedTuple):
+    """Per-token output of :func:`mixed`."""
+
+    loss: Tensor
+    distill: Tensor | None
+    ce: Tensor | None
+    grad: Tensor | None
+
+
+def mixed(s: Tensor, z: Tensor | None, labels: Tensor | None, *, divergence: str | None,
+          params: dict[str, float], distill_weight: float, need_grad: bool = False) -> Mixed:
+    """``(1 - w) * CE(labels) + w * divergence(s, z)`` per token, ``w = distill_weight``.
+
+    ``divergence=None`` is cross-entropy alone. A term whose weight is 0 is not computed, except
+    the divergence, which is always reported when named.
+    """
+    w = distill_weight
+    distill = g_distill = ce = g_ce = None
+    if divergence is not None:
+        distill, g_distill = DIVERGENCES[divergence](s, z, need_grad=need_grad, **params)
+    if divergence is None or w < 1.0:
+        ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)
+    if divergence is None:
+        return Mixed(ce, None, ce, g_ce)
+    if w == 1.0:
+        return Mixed(distill, distill, None, g_distill)
+    loss = w * distill + (1.0 - w) * ce
+    grad = g_distill.mul_(w).add_(g_ce, alpha=1.0 - w) if need_grad else None
+    return Mixed(loss, distill, ce, grad)
+
+
+DIVERGENCES: dict[str, Kernel] = {
+    "taid": taid,
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "tvd": tvd,
+    "jsd": jsd,
+    "skl": skew_kl,
+    "srkl": skew_reverse_kl,
+    "akl": adaptive_kl,
+}
+"""Kernel of every divergence, by registry name."""
+
+# (low, high, low_open, high_open) of each hyperparameter
+_RANGES = {
+    "t": (0.0, 1.0, False, False),
+    "beta": (0.0, 1.0, True, True),
+    "alpha": (0.0, 1.0, False, True),
+    "mu": (0.0, 1.0, True, False),
+}
+
+
+def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
+    """Validate a divergence's hyperparameters (names and ranges); returns them as floats.
+
+    Raises:
+        ValueError: unknown divergence, missing or extra parameter, or a value out of range.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; valid: {sorted(DIVERGENCES)}")
+    expected = {name for name, p in inspect.signature(DIVERGENCES[divergence]).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "need_grad"}
+    if set(params) != expected:
+        raise ValueError(f"divergence {divergence!r} takes parameters {sorted(expected)}, "
+                         f"got {sorted(params)}")
+    out = {}
+    for name, value in params.items():
+        value = float(value)
+        lo, hi, lo_open, hi_open = _RANGES[name]
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise ValueError(f"{name} must be in {interval}, got {value}")
+        out[name] = value
+    return out
