@@ -203,11 +203,17 @@ def test_chunked_backward_twice_is_refused():
 
 def test_default_chunk_size_bounds_temporaries():
     assert default_chunk_size(8, 100) == 8  # small inputs: one chunk
-    for n, v in [(1024, 32000), (4096, 49152), (4096, 128256), (16384, 151936)]:
-        c = default_chunk_size(n, v)
-        assert 1 <= c <= n
-        assert c * v <= 2**23
-        assert c * 16 <= n  # a few chunk temporaries stay well under one N x V buffer
+    for device in ("cpu", "cuda"):
+        for n, v in [(1024, 32000), (4096, 49152), (4096, 128256), (16384, 151936)]:
+            c = default_chunk_size(n, v, device)
+            assert 1 <= c <= n
+            assert c * v <= 2**25
+            # a few chunk temporaries stay well under one N x V buffer, unless the chunk is at
+            # the 2^22-element floor (16 MiB) that keeps GPU launches efficient
+            assert c * 16 <= n or (device == "cuda" and c * v <= 2**22)
+    assert default_chunk_size(4096, 49152, "cpu") * 49152 * 4 <= 2 * 2**20  # L2-sized on CPU
+    assert default_chunk_size(4096, 49152, "cpu", min_rows=128) == 128
+    assert default_chunk_size(100, 49152, "cpu", min_rows=128) == 100
 
 
 class _Config:
@@ -243,3 +249,37 @@ def test_plain_linear_head_refuses_non_linear_heads():
     model.head = nn.Sequential(nn.Linear(4, 10))
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
         plain_linear_head(model)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_all_rows_valid_with_padded_vocabulary_zeroes_the_padding_gradient(chunk_size):
+    """Every row valid takes the no-copy slice path; the gradient buffer is not pre-zeroed
+    there, so the padding columns must be zeroed explicitly."""
+    student, teacher, _ = make_inputs((3, 10), 40, seed=9)
+    padded = torch.cat([student, torch.randn(3, 10, 6)], dim=-1)
+    for _ in range(2):  # a second run reuses freed memory: garbage would show up here
+        s = padded.clone().requires_grad_(True)
+        loss = TF.reverse_kl(s, teacher, vocab_size=40, chunk_size=chunk_size)
+        loss.backward()
+        assert torch.all(s.grad[..., 40:] == 0)
+    s_ref = student.clone().requires_grad_(True)
+    TF.reverse_kl(s_ref, teacher, implementation="eager").backward()
+    torch.testing.assert_close(loss, TF.reverse_kl(student, teacher, implementation="eager"))
+    torch.testing.assert_close(s.grad[..., :40], s_ref.grad)
+
+
+def test_fused_all_rows_valid_matches_reference():
+    hidden, weight, bias, t_hidden, t_weight, _ = fused_inputs(seed=10)
+    t_logits = t_hidden.double() @ t_weight.double().T
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss = TF.fused_linear_taid_loss(h, w, t_hidden, None, t=0.37, teacher_weight=t_weight,
+                                     chunk_size=6)
+    (3 * loss).backward()
+    hr = hidden.double().requires_grad_(True)
+    wr = weight.double().requires_grad_(True)
+    ref = reference("taid", hr @ wr.T, t_logits, None, PARAMS["taid"])
+    (3 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=2e-4, atol=2e-7)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=2e-4, atol=2e-7)

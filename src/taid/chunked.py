@@ -31,25 +31,50 @@ from torch import Tensor
 
 from taid import divergences as D
 
-# Chunk sizing: about 1/32 of the rows, so a handful of chunk x V float32 temporaries stay a
-# small fraction of one N x V buffer, but at least 2^18 elements per chunk so that small inputs
-# run in one chunk and per-chunk overhead stays negligible, and at most 2^23 (32 MiB) per
-# temporary.
-_MIN_CHUNK_ELEMENTS = 2**18
-_MAX_CHUNK_ELEMENTS = 2**23
-_CHUNKS_TARGET = 32
+# Chunk sizing. On CPU the kernels are memory-bound: a chunk whose float32 temporaries fit in
+# L2 (~2 MiB each) runs fastest (measured with benchmarks/loss_memory.py). On GPU per-chunk
+# launch overhead dominates small chunks, so use about 1/32 of the rows, between 2^22 and 2^25
+# elements: a few chunk temporaries stay a small fraction of one N x V buffer.
+_CPU_CHUNK_ELEMENTS = 2**19
+_GPU_CHUNK_ELEMENTS = (2**22, 2**25)
+_GPU_CHUNKS_TARGET = 32
 
 
-def default_chunk_size(num_rows: int, width: int) -> int:
-    """Rows per chunk for ``num_rows`` tokens over a ``width``-word vocabulary."""
-    elements = num_rows * width / _CHUNKS_TARGET
-    elements = min(max(elements, _MIN_CHUNK_ELEMENTS), _MAX_CHUNK_ELEMENTS)
-    return max(1, min(num_rows, int(elements // width)))
+# The fused path multiplies each chunk of hidden states by the whole output layer: below about
+# 128 rows the matmuls lose most of their efficiency and dominate the step (measured: 16-row
+# chunks were 2.3-2.8 x slower than 128-row chunks on CPU).
+FUSED_MIN_ROWS = 128
 
 
-def finite_(x: Tensor) -> Tensor:
-    """Float32 copy-or-self of freshly made logits with ``-inf`` replaced (in place)."""
-    return x.float().clamp_min_(D.MASKED_LOGIT)
+def default_chunk_size(num_rows: int, width: int, device: torch.device | str = "cpu",
+                       min_rows: int = 1) -> int:
+    """Rows per chunk for ``num_rows`` tokens over a ``width``-word vocabulary on ``device``,
+    at least ``min_rows`` (and at most ``num_rows``)."""
+    if torch.device(device).type == "cpu":
+        elements = _CPU_CHUNK_ELEMENTS
+    else:
+        lo, hi = _GPU_CHUNK_ELEMENTS
+        elements = min(max(num_rows * width / _GPU_CHUNKS_TARGET, lo), hi)
+    return max(1, min(num_rows, max(min_rows, int(elements // width))))
+
+
+Rows = Tensor | slice
+"""A chunk of flattened token rows: a slice when every row is valid (no copy needed to take
+it), else the int64 indices of the valid rows."""
+
+
+def take(x: Tensor, rows: Rows) -> Tensor:
+    """Rows of a 2-D tensor: a view for a slice, a copy for indices."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def finite(x: Tensor, *, fresh: bool) -> Tensor:
+    """Float32 logits with ``-inf`` replaced by :data:`~taid.divergences.MASKED_LOGIT`, in one
+    pass. ``fresh`` says ``x`` is a temporary of ours that may be overwritten."""
+    y = x.float()
+    if y is x and not fresh:
+        return torch.clamp_min(x, D.MASKED_LOGIT)
+    return y.clamp_min_(D.MASKED_LOGIT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,8 +86,8 @@ class TeacherSource(Protocol):
     width: int
     """Vocabulary width the source can provide."""
 
-    def rows(self, idx: Tensor, width: int) -> Tensor:
-        """Finite float32 teacher logits ``[len(idx), width]`` of the rows ``idx``."""
+    def rows(self, rows: Rows, width: int) -> Tensor:
+        """Finite float32 teacher logits ``[n, width]`` of ``rows`` (see :func:`finite`)."""
         ...
 
 
@@ -76,8 +101,8 @@ class LogitsTeacher:
     def width(self) -> int:
         return self.logits.shape[-1]
 
-    def rows(self, idx: Tensor, width: int) -> Tensor:
-        return finite_(self.logits[:, :width].index_select(0, idx))
+    def rows(self, rows: Rows, width: int) -> Tensor:
+        return finite(take(self.logits[:, :width], rows), fresh=not isinstance(rows, slice))
 
 
 @dataclass
@@ -93,9 +118,9 @@ class LinearTeacher:
     def width(self) -> int:
         return self.weight.shape[0]
 
-    def rows(self, idx: Tensor, width: int) -> Tensor:
+    def rows(self, rows: Rows, width: int) -> Tensor:
         bias = None if self.bias is None else self.bias[:width]
-        return finite_(F.linear(self.hidden.index_select(0, idx), self.weight[:width], bias))
+        return finite(F.linear(take(self.hidden, rows), self.weight[:width], bias), fresh=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,40 +145,62 @@ class ChunkStats:
     ce: Tensor | None
 
 
-def _chunks(idx: Tensor, chunk_size: int) -> Iterator[tuple[int, Tensor]]:
+def _chunks(idx: Tensor, n_rows: int, chunk_size: int) -> Iterator[tuple[int, Rows]]:
+    all_valid = idx.numel() == n_rows  # then idx is 0..n_rows-1
     for start in range(0, idx.numel(), chunk_size):
-        yield start, idx[start:start + chunk_size]
+        end = min(start + chunk_size, idx.numel())
+        yield start, slice(start, end) if all_valid else idx[start:end]
 
 
-def run_chunks(idx: Tensor, chunk_size: int, student_rows: Any, teacher: TeacherSource | None,
-               labels: Tensor | None, objective: Objective, width: int, grad_scale: float,
-               consume_grad: Any) -> ChunkStats:
-    """Walk the valid rows ``idx`` in chunks; hand each chunk's scaled gradient to
-    ``consume_grad(start, rows, grad)`` and return the per-token values."""
+def _count(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+def run_chunks(idx: Tensor, n_rows: int, chunk_size: int, student_rows: Any,
+               teacher: TeacherSource | None, labels: Tensor | None, objective: Objective,
+               width: int, grad_scale: float, consume_grad: Any) -> ChunkStats:
+    """Walk the valid rows ``idx`` (of ``n_rows``) in chunks; hand each chunk's gradient, times
+    ``grad_scale``, to ``consume_grad(rows, grad, grad_scale)`` and return the per-token
+    values."""
     n = idx.numel()
     device = idx.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
     w = objective.distill_weight
     distill = torch.empty_like(loss) if objective.divergence is not None else None
     ce = torch.empty_like(loss) if w < 1.0 else None
-    for start, rows in _chunks(idx, chunk_size):
+    for start, rows in _chunks(idx, n_rows, chunk_size):
+        end = start + _count(rows)
         s = student_rows(rows)
         z = teacher.rows(rows, width) if distill is not None else None
-        lab = labels[start:start + rows.numel()] if labels is not None else None
+        lab = labels[start:end] if labels is not None else None
         out = D.mixed(s, z, lab, divergence=objective.divergence, params=objective.params,
                       distill_weight=w, need_grad=True)
-        end = start + rows.numel()
         loss[start:end] = out.loss
         if distill is not None:
             distill[start:end] = out.distill
         if ce is not None:
             ce[start:end] = out.ce
-        grad = out.grad
-        if grad_scale != 1.0:
-            grad.mul_(grad_scale)
-        consume_grad(start, rows, grad)
-        del s, z, out, grad
+        consume_grad(rows, out.grad, grad_scale)
+        del s, z, out
     return ChunkStats(loss, distill, ce)
+
+
+def _empty_grad(like: Tensor, idx: Tensor, width: int) -> Tensor:
+    """Gradient buffer shaped like ``like``; only what no chunk writes is zeroed."""
+    if idx.numel() < like.shape[0]:
+        return torch.zeros_like(like)
+    grad = torch.empty_like(like)
+    if width < like.shape[1]:
+        grad[:, width:].zero_()
+    return grad
+
+
+def _write_rows(dest: Tensor, rows: Rows, values: Tensor) -> None:
+    """``dest[rows] = values`` in one pass (a slice is written in place)."""
+    if isinstance(rows, slice):
+        dest[rows].copy_(values)
+    else:
+        dest.index_copy_(0, rows, values.to(dest.dtype))
 
 
 def _scale_(grads: list[Tensor | None], grad_output: Tensor, per_row: bool) -> None:
@@ -172,18 +219,21 @@ class _ChunkedLogits(torch.autograd.Function):
                 labels: Tensor | None, objective: Objective, width: int, chunk_size: int,
                 reduction: str) -> tuple[Tensor, Tensor, Tensor]:
         n_rows = student.shape[0]
-        grad = torch.zeros_like(student)
+        grad = _empty_grad(student, idx, width)
         view = grad[:, :width]
         scale = 1.0 / max(idx.numel(), 1) if reduction == "mean" else 1.0
 
-        def student_rows(rows: Tensor) -> Tensor:
-            return finite_(student[:, :width].index_select(0, rows))
+        def student_rows(rows: Rows) -> Tensor:
+            return finite(take(student[:, :width], rows), fresh=not isinstance(rows, slice))
 
-        def consume(start: int, rows: Tensor, g: Tensor) -> None:
-            view.index_copy_(0, rows, g.to(view.dtype))
+        def consume(rows: Rows, g: Tensor, scale: float) -> None:
+            if isinstance(rows, slice) and scale != 1.0:
+                torch.mul(g, scale, out=view[rows])  # scale and store in one pass
+            else:
+                _write_rows(view, rows, g.mul_(scale) if scale != 1.0 else g)
 
-        stats = run_chunks(idx, chunk_size, student_rows, teacher, labels, objective, width,
-                           scale, consume)
+        stats = run_chunks(idx, n_rows, chunk_size, student_rows, teacher, labels, objective,
+                           width, scale, consume)
         out = reduce_rows(stats.loss, idx, n_rows, reduction)
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
@@ -211,7 +261,7 @@ class _FusedLinear(torch.autograd.Function):
                 width: int, chunk_size: int, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
         w_rows = weight[:width]
         b_rows = None if bias is None else bias[:width]
-        grad_h = torch.zeros_like(hidden)
+        grad_h = _empty_grad(hidden, idx, hidden.shape[1])
         # accumulated over chunks: keep float32 whatever the weight dtype
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32,
@@ -219,15 +269,17 @@ class _FusedLinear(torch.autograd.Function):
         scale = 1.0 / max(idx.numel(), 1) if reduction == "mean" else 1.0
         chunk_hidden: dict[str, Tensor] = {}
 
-        def student_rows(rows: Tensor) -> Tensor:
-            h = hidden.index_select(0, rows)
+        def student_rows(rows: Rows) -> Tensor:
+            h = take(hidden, rows)
             chunk_hidden["h"] = h
-            return finite_(F.linear(h, w_rows, b_rows))
+            return finite(F.linear(h, w_rows, b_rows), fresh=True)
 
-        def consume(start: int, rows: Tensor, g: Tensor) -> None:
+        def consume(rows: Rows, g: Tensor, scale: float) -> None:
             h = chunk_hidden.pop("h")
+            if scale != 1.0:
+                g.mul_(scale)
             g = g.to(weight.dtype)
-            grad_h.index_copy_(0, rows, (g @ w_rows).to(grad_h.dtype))
+            _write_rows(grad_h, rows, g @ w_rows)
             if weight.dtype == torch.float32:
                 grad_w[:width].addmm_(g.t(), h)
             else:  # low-precision product, float32 accumulation across chunks
@@ -235,8 +287,8 @@ class _FusedLinear(torch.autograd.Function):
             if grad_b is not None:
                 grad_b[:width].add_(g.sum(0, dtype=torch.float32))
 
-        stats = run_chunks(idx, chunk_size, student_rows, teacher, labels, objective, width,
-                           scale, consume)
+        stats = run_chunks(idx, hidden.shape[0], chunk_size, student_rows, teacher, labels,
+                           objective, width, scale, consume)
         out = reduce_rows(stats.loss, idx, hidden.shape[0], reduction)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
@@ -287,7 +339,7 @@ def chunked_logits_loss(student: Tensor, idx: Tensor, teacher: TeacherSource | N
     Returns:
         The reduced, differentiable loss and the per-valid-token values (no gradient).
     """
-    chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width)
+    chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width, student.device)
     out, distill, ce = _ChunkedLogits.apply(student, idx, teacher, labels, objective, width,
                                             chunk_size, reduction)
     return out, _stats(out, distill, ce, objective)
@@ -302,7 +354,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: 
     Gradients flow to ``hidden``, ``weight`` and ``bias``. ``reduction`` is ``"mean"`` or
     ``"sum"``. Other arguments as :func:`chunked_logits_loss`.
     """
-    chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width)
+    chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width, hidden.device,
+                                                  min_rows=FUSED_MIN_ROWS)
     out, distill, ce = _FusedLinear.apply(hidden, weight, bias, idx, teacher, labels, objective,
                                           width, chunk_size, reduction)
     return out, _stats(out, distill, ce, objective)
@@ -321,7 +374,8 @@ __all__ = [
     "TeacherSource",
     "chunked_logits_loss",
     "default_chunk_size",
-    "finite_",
+    "finite",
+    "take",
     "fused_linear_loss",
     "reduce_rows",
 ]

@@ -62,7 +62,7 @@ def taid(s: Tensor, z: Tensor, *, t: float, need_grad: bool = False) -> KernelOu
     log_q = torch.log_softmax(s, dim=-1)
     log_pt = torch.log_softmax(torch.lerp(s.detach(), z, t), dim=-1)
     pt = log_pt.exp()
-    loss = _dot(pt, log_pt - log_q)
+    loss = _dot(pt, log_pt.sub_(log_q) if need_grad else log_pt - log_q)
     return loss, (log_q.exp_().sub_(pt) if need_grad else None)
 
 
@@ -71,7 +71,7 @@ def forward_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
-    loss = _dot(p, log_p - log_q)
+    loss = _dot(p, log_p.sub_(log_q) if need_grad else log_p - log_q)
     return loss, (log_q.exp_().sub_(p) if need_grad else None)
 
 

@@ -222,8 +222,9 @@ def loss_terms(
     student = student_logits.reshape(n_rows, student_logits.shape[-1])
 
     if implementation == "eager":
-        s = C.finite_(student[:, :width].index_select(0, idx))
-        z = None if teacher is None else teacher.rows(idx, width)
+        rows = slice(0, n_rows) if idx.numel() == n_rows else idx
+        s = C.finite(C.take(student[:, :width], rows), fresh=False)
+        z = None if teacher is None else teacher.rows(rows, width)
         out = D.mixed(s, z, flat_labels, divergence=objective.divergence,
                       params=objective.params, distill_weight=objective.distill_weight)
         loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
