@@ -87,7 +87,8 @@ class TeacherSource(Protocol):
     """Vocabulary width the source can provide."""
 
     def rows(self, rows: Rows, width: int) -> Tensor:
-        """Finite float32 teacher logits ``[n, width]`` of ``rows`` (see :func:`finite`)."""
+        """Finite float32 teacher logits ``[n, width]`` of ``rows`` (see :func:`finite`), in a
+        fresh tensor: the kernels overwrite it."""
         ...
 
 

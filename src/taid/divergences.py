@@ -9,7 +9,8 @@ its gradient w.r.t. ``s`` ``[n, V]``::
 - ``need_grad=False``: the loss is plain differentiable torch code (the eager path
   backpropagates through it with autograd; the teacher side never carries gradient).
 - ``need_grad=True`` (called under ``torch.no_grad``): also returns the analytic gradient of
-  ``loss.sum()``, computed with in-place operations to keep temporaries few (the chunked path).
+  ``loss.sum()``. ``s`` and ``z`` are then scratch copies owned by the kernel, which overwrites
+  them in place (log-softmax, interpolation) to keep temporaries few (the chunked path).
 
 Notation: ``q = softmax(s)``, ``p = softmax(z)``. For a loss written in terms of ``log q``
 with ``h = dL/d(log q)``, the gradient w.r.t. the logits is ``h - q * sum(h)``.
@@ -44,6 +45,19 @@ def _through_log_softmax(h: Tensor, q: Tensor) -> Tensor:
     return h.sub_(q * h.sum(-1, keepdim=True))
 
 
+def _log_softmax_(x: Tensor) -> Tensor:
+    """``log_softmax`` written over ``x`` itself (x must be a scratch tensor)."""
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _log_probs(s: Tensor, z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(log q, log p)``: in place on the scratch inputs when ``need_grad``, else by autograd-
+    safe out-of-place ops."""
+    if need_grad:
+        return _log_softmax_(s), _log_softmax_(z)
+    return torch.log_softmax(s, dim=-1), torch.log_softmax(z, dim=-1)
+
+
 def _log_mix(log_a: Tensor, weight_a: float, log_b: Tensor) -> Tensor:
     """``log(weight_a * a + (1 - weight_a) * b)``, formed in log space for stability."""
     if weight_a == 0.0:
@@ -59,17 +73,21 @@ def taid(s: Tensor, z: Tensor, *, t: float, need_grad: bool = False) -> KernelOu
     Gradient: ``q - p_t``. Interpolation is in logit space (a probability mixture would be
     skew KL, a different method).
     """
+    if need_grad:  # z <- (1 - t) s + t z, then both overwritten by their log-softmax
+        log_pt = _log_softmax_(z.lerp_(s, 1.0 - t))
+        log_q = _log_softmax_(s)
+        pt = log_pt.exp()
+        loss = _dot(pt, log_pt.sub_(log_q))
+        return loss, log_q.exp_().sub_(pt)
     log_q = torch.log_softmax(s, dim=-1)
     log_pt = torch.log_softmax(torch.lerp(s.detach(), z, t), dim=-1)
     pt = log_pt.exp()
-    loss = _dot(pt, log_pt.sub_(log_q) if need_grad else log_pt - log_q)
-    return loss, (log_q.exp_().sub_(pt) if need_grad else None)
+    return _dot(pt, log_pt - log_q), None
 
 
 def forward_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
     """``KL(p || q)``; gradient ``q - p``."""
-    log_q = torch.log_softmax(s, dim=-1)
-    log_p = torch.log_softmax(z, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
     p = log_p.exp()
     loss = _dot(p, log_p.sub_(log_q) if need_grad else log_p - log_q)
     return loss, (log_q.exp_().sub_(p) if need_grad else None)
@@ -77,8 +95,8 @@ def forward_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
 
 def reverse_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
     """``KL(q || p)``; gradient ``q * (log q - log p - KL)``."""
-    log_q = torch.log_softmax(s, dim=-1)
-    diff = log_q - torch.log_softmax(z, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
+    diff = log_q - log_p
     q = log_q.exp()
     loss = _dot(q, diff)
     return loss, (diff.sub_(loss[:, None]).mul_(q) if need_grad else None)
@@ -86,8 +104,9 @@ def reverse_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
 
 def tvd(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
     """``0.5 * sum |p - q|``; ``h = 0.5 * q * sign(q - p)``."""
-    q = torch.softmax(s, dim=-1)
-    diff = q - torch.softmax(z, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
+    q = log_q.exp()
+    diff = q - log_p.exp()
     loss = 0.5 * diff.abs().sum(-1)
     if not need_grad:
         return loss, None
@@ -99,8 +118,7 @@ def jsd(s: Tensor, z: Tensor, *, beta: float, need_grad: bool = False) -> Kernel
 
     ``dL/dq = (1 - beta) (log q - log m)``.
     """
-    log_p = torch.log_softmax(z, dim=-1)
-    log_q = torch.log_softmax(s, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
     log_m = _log_mix(log_p, beta, log_q)
     q = log_q.exp()
     q_term = log_q - log_m
@@ -112,8 +130,7 @@ def jsd(s: Tensor, z: Tensor, *, beta: float, need_grad: bool = False) -> Kernel
 
 def skew_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = False) -> KernelOut:
     """Skew KL ``KL(p || m)``, ``m = alpha p + (1 - alpha) q``; ``h = -(1-alpha) p q / m``."""
-    log_p = torch.log_softmax(z, dim=-1)
-    log_q = torch.log_softmax(s, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
     log_m = _log_mix(log_p, alpha, log_q)
     loss = _dot(log_p.exp(), log_p - log_m)
     if not need_grad:
@@ -125,8 +142,7 @@ def skew_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = False) -> K
 def skew_reverse_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = False) -> KernelOut:
     """Skew reverse KL ``KL(q || m)``, ``m = (1 - alpha) p + alpha q``;
     ``h = q (log q - log m + 1) - alpha q^2 / m``."""
-    log_p = torch.log_softmax(z, dim=-1)
-    log_q = torch.log_softmax(s, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
     log_m = _log_mix(log_q, alpha, log_p)
     q = log_q.exp()
     q_term = log_q - log_m
@@ -148,8 +164,7 @@ def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> 
     order and mapped back to vocabulary order (the reference code applied the sorted mask in
     vocabulary order).
     """
-    log_p = torch.log_softmax(z, dim=-1)
-    log_q = torch.log_softmax(s, dim=-1)
+    log_q, log_p = _log_probs(s, z, need_grad)
     p, q = log_p.exp(), log_q.exp()
     with torch.no_grad():
         p_sorted, order = p.sort(dim=-1, descending=True)
@@ -172,7 +187,7 @@ def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> 
 
 def cross_entropy(s: Tensor, labels: Tensor, *, need_grad: bool = False) -> KernelOut:
     """``-log q[label]``; gradient ``q - onehot(label)``."""
-    log_q = torch.log_softmax(s, dim=-1)
+    log_q = _log_softmax_(s) if need_grad else torch.log_softmax(s, dim=-1)
     loss = -log_q.gather(-1, labels[:, None]).squeeze(-1)
     if not need_grad:
         return loss, None
@@ -199,8 +214,11 @@ def mixed(s: Tensor, z: Tensor | None, labels: Tensor | None, *, divergence: str
     """
     w = distill_weight
     distill = g_distill = ce = g_ce = None
+    both = divergence is not None and w < 1.0
     if divergence is not None:
-        distill, g_distill = DIVERGENCES[divergence](s, z, need_grad=need_grad, **params)
+        # kernels overwrite their scratch inputs: keep s intact for the cross-entropy
+        s_div = s.clone() if (need_grad and both) else s
+        distill, g_distill = DIVERGENCES[divergence](s_div, z, need_grad=need_grad, **params)
     if divergence is None or w < 1.0:
         ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)
     if divergence is None:
