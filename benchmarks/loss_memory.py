@@ -163,7 +163,8 @@ def step_benchmark(reps: int) -> list[tuple[str, float]]:
             t0 = time.perf_counter()
             one_step()
             times.append(time.perf_counter() - t0)
-        label = f"{name} ({'fused' if fused else 'logits'}{', teacher fwd' if name != 'sft' else ''})"
+        path = "fused" if fused else "logits"
+        label = f"{name} ({path}{', teacher fwd' if name != 'sft' else ''})"
         rows.append((label, min(times)))
     return rows
 

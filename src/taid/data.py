@@ -1,0 +1,322 @@
+"""Datasets to token batches.
+
+Formats: plain text, prompt/response pairs and chat ``messages`` (rendered with the tokenizer's
+chat template). The tokens that are distilled are the assistant's (``loss_on: response``,
+default for chat and pairs, end-of-turn token included so the student learns to stop) or all of
+them (``loss_on: all``). Labels are shifted here, once: position ``i`` predicts ``labels[i]``.
+
+Packing concatenates examples into ``max_length`` rows with ``position_ids`` restarting at each
+example and no attention mask, so transformers builds a block-diagonal causal mask: attention
+never crosses examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from taid.config import ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+_LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
+                  ".csv": "csv"}
+
+
+@dataclass
+class Example:
+    """One tokenized example: ``input_ids`` and the loss mask over them (1 = a target token)."""
+
+    input_ids: list[int]
+    targets: list[int]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _is_local(path: str) -> bool:
+    return Path(path).suffix.lower() in _LOCAL_LOADERS or Path(path).exists() \
+        or path.startswith((".", "/", "~"))
+
+
+def load_rows(cfg: DataConfig, split: str) -> Any:
+    """A ``datasets`` dataset of raw rows from a local file or the hub."""
+    import datasets
+
+    if _is_local(cfg.path):
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.path: file {str(path)!r} does not exist")
+        builder = _LOCAL_LOADERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"data.path: unsupported file type {path.suffix!r}; use one of "
+                              f"{', '.join(_LOCAL_LOADERS)}")
+        if split != "train":
+            raise ConfigError(f"data.eval_split={split!r}: a local file has one split; use "
+                              f"data.eval_size to hold out examples")
+        return datasets.load_dataset(builder, data_files=str(path), split="train",
+                                     streaming=cfg.streaming)
+    return datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=cfg.streaming)
+
+
+def detect_format(columns: list[str], cfg: DataConfig) -> str:
+    """The data format from the configured one or the columns present."""
+    if cfg.format != "auto":
+        needed = {"text": [cfg.text_field], "messages": [cfg.messages_field],
+                  "prompt_response": [cfg.prompt_field, cfg.response_field]}[cfg.format]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ConfigError(f"data.format={cfg.format!r} needs fields {missing}; the dataset "
+                              f"has {columns}")
+        return cfg.format
+    if cfg.messages_field in columns:
+        return "messages"
+    if cfg.prompt_field in columns and cfg.response_field in columns:
+        return "prompt_response"
+    if cfg.text_field in columns:
+        return "text"
+    raise ConfigError(f"data.format: cannot tell the format from the fields {columns}; set "
+                      f"data.format and the field names (data.text_field, ...)")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------
+def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+              add_generation_prompt: bool) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True,
+                                  add_generation_prompt=add_generation_prompt)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize_messages(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                      response_only: bool) -> Example:
+    """Render chat turns with the tokenizer's template; targets are the assistant turns (with
+    their end-of-turn tokens), or everything."""
+    if not messages:
+        raise ValueError("an example has no messages")
+    ids = _chat_ids(tok, messages, add_generation_prompt=False)
+    if not response_only:
+        return Example(ids, [1] * len(ids))
+    targets = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True)) if i else 0
+        prefix = _chat_ids(tok, messages[: i + 1], add_generation_prompt=False)
+        end = len(prefix)
+        if ids[:end] != prefix:
+            raise ValueError("the chat template is not prefix-consistent; use loss_on: all")
+        for j in range(start, end):
+            targets[j] = 1
+    return Example(ids, targets)
+
+
+def tokenize_row(row: dict[str, Any], fmt: str, tok: PreTrainedTokenizerBase,
+                 cfg: DataConfig) -> Example:
+    """One raw row to an :class:`Example`."""
+    response_only = cfg.loss_on == "response" or (cfg.loss_on == "auto" and fmt != "text")
+    if fmt == "messages":
+        return tokenize_messages(tok, row[cfg.messages_field], response_only)
+    if fmt == "prompt_response":
+        prompt, response = str(row[cfg.prompt_field]), str(row[cfg.response_field])
+        if tok.chat_template:
+            return tokenize_messages(tok, [{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": response}],
+                                     response_only)
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return Example(p + r, [0 if response_only else 1] * len(p) + [1] * len(r))
+    if response_only:
+        raise ConfigError("data.loss_on=response needs prompt/response or chat data, not text")
+    ids = tok(str(row[cfg.text_field]), add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids = ids + [tok.eos_token_id]
+    return Example(ids, [1] * len(ids))
+
+
+def shift_labels(ids: list[int], targets: list[int]) -> list[int]:
+    """``labels[i] = ids[i + 1]`` where token ``i + 1`` is a target, else ignored; the last
+    position predicts nothing. The one place labels are shifted."""
+    labels = [tok if tgt else IGNORE_INDEX for tok, tgt in zip(ids[1:], targets[1:])]
+    return labels + [IGNORE_INDEX]
+
+
+def fit_length(example: Example, cfg: DataConfig, index: int) -> Example:
+    if len(example.input_ids) <= cfg.max_length:
+        return example
+    if not cfg.truncation:
+        raise ConfigError(
+            f"example {index} has {len(example.input_ids)} tokens, more than data.max_length="
+            f"{cfg.max_length}, and data.truncation is false; raise max_length or allow "
+            f"truncation")
+    n = cfg.max_length
+    return Example(example.input_ids[:n], example.targets[:n])
+
+
+def tokenize_dataset(rows: Any, tok: PreTrainedTokenizerBase, cfg: DataConfig,
+                     limit: int | None = None) -> list[Example]:
+    """Tokenize every row (or the first ``limit``), check lengths; examples without any target
+    token are dropped."""
+    columns = list(rows.column_names) if getattr(rows, "column_names", None) else None
+    examples: list[Example] = []
+    fmt = None
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            break
+        if fmt is None:
+            fmt = detect_format(columns or list(row), cfg)
+        ex = fit_length(tokenize_row(row, fmt, tok, cfg), cfg, i)
+        if sum(ex.targets[1:]) > 0:
+            examples.append(ex)
+    if not examples:
+        raise ConfigError(f"data.path {cfg.path!r}: no usable examples (empty dataset, or no "
+                          f"target tokens after masking and truncation)")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into rows of at most ``max_length`` tokens (never splitting one);
+    document boundaries are kept in ``Example.targets`` via :func:`packed_positions`."""
+    rows: list[list[Example]] = [[]]
+    used = 0
+    for ex in examples:
+        if used + len(ex.input_ids) > max_length and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex.input_ids)
+    return [_PackedRow(r) for r in rows if r]  # type: ignore[misc]
+
+
+class _PackedRow(Example):
+    """Several examples in one row."""
+
+    def __init__(self, parts: list[Example]) -> None:
+        super().__init__([t for p in parts for t in p.input_ids],
+                         [t for p in parts for t in p.targets])
+        self.lengths = [len(p.input_ids) for p in parts]
+
+
+def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None = None
+            ) -> dict[str, Tensor]:
+    """Pad to the longest row (or ``length``); labels shifted per example, -100 at padding.
+
+    Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` that restart at
+    every example (the padding tail counts as one more example) and no attention mask, from
+    which transformers builds a block-diagonal causal mask, provided the model runs with
+    ``use_cache=False`` (as the trainer does).
+    """
+    width = length or max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[b, :n] = torch.tensor(ex.input_ids)
+        mask[b, :n] = 1
+        lengths = getattr(ex, "lengths", [n])
+        start = 0
+        for part in lengths:
+            sl = slice(start, start + part)
+            labels[b, sl] = torch.tensor(shift_labels(ex.input_ids[sl], ex.targets[sl]))
+            positions[b, sl] = torch.arange(part)
+            start += part
+        positions[b, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class BatchStream:
+    """Deterministic, resumable batches: epoch ``e`` shuffles with ``seed + e``; global batch
+    ``k`` holds ``world_size * batch_size`` examples and rank ``r`` takes its slice, so the
+    position ``(epoch, batch)`` alone restores the order."""
+
+    def __init__(self, examples: list[Example], batch_size: int, *, seed: int, pad_id: int,
+                 packed: bool, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.packed = packed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        global_batch = batch_size * world_size
+        if len(examples) < global_batch:
+            raise ConfigError(f"only {len(examples)} training examples for a global batch of "
+                              f"{global_batch} (train.batch_size x processes); add data or "
+                              f"lower the batch size")
+        self.batches_per_epoch = len(examples) // global_batch  # drop the ragged tail
+        self.epoch = 0
+        self.batch = 0
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        while True:
+            order = self.order(self.epoch)
+            while self.batch < self.batches_per_epoch:
+                start = (self.batch * self.world_size + self.rank) * self.batch_size
+                chosen = [self.examples[i] for i in order[start:start + self.batch_size]]
+                self.batch += 1
+                yield collate(chosen, self.pad_id, self.packed)
+            self.epoch += 1
+            self.batch = 0
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, packed: bool, *,
+                 rank: int = 0, world_size: int = 1, limit: int | None = None
+                 ) -> Iterator[dict[str, Tensor]]:
+    """The held-out examples in order, split across ranks (every rank gets the same number of
+    batches; a rank short of examples gets an all-ignored batch so collectives stay aligned)."""
+    per_step = batch_size * world_size
+    steps = math.ceil(len(examples) / per_step)
+    if limit is not None:
+        steps = min(steps, limit)
+    for k in range(steps):
+        start = k * per_step + rank * batch_size
+        chosen = examples[start:start + batch_size]
+        if not chosen:
+            chosen = [Example(examples[0].input_ids, [0] * len(examples[0].input_ids))]
+        yield collate(chosen, pad_id, packed)
+
+
+def split_eval(examples: list[Example], size: int, seed: int) -> tuple[list[Example],
+                                                                        list[Example]]:
+    """Hold out ``size`` examples (a seeded choice) for evaluation."""
+    if size <= 0:
+        return examples, []
+    if size >= len(examples):
+        raise ConfigError(f"data.eval_size={size} leaves no training examples out of "
+                          f"{len(examples)}")
+    g = torch.Generator().manual_seed(seed + 10_007)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    held = set(perm[:size])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [examples[i] for i in sorted(held)])

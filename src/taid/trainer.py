@@ -1,0 +1,576 @@
+"""The training loop: one readable function over accelerate.
+
+Per optimizer step: take ``grad_accum`` micro-batches, count their valid tokens across all
+micro-batches and ranks first, then backpropagate each micro-batch's summed loss divided by
+that count (times the number of ranks, since DDP averages gradients). The TAID schedule steps
+once, on the token-weighted loss of the whole step, identical on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taid import data as D
+from taid import models as M
+from taid.config import Config, ConfigError, dump, to_dict
+from taid.losses import DistillationLoss, build_loss
+
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"
+_IGNORED_CONFIG_KEYS = {("resume",), ("overwrite",), ("log",), ("train", "eval_every"),
+                        ("train", "eval_batches"), ("train", "save_every"),
+                        ("train", "keep_checkpoints"), ("train", "log_every"),
+                        ("train", "num_workers")}
+
+
+@dataclass
+class TrainState:
+    """What besides the modules a checkpoint must restore."""
+
+    step: int = 0
+    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "data": dict(self.data), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.data = dict(state["data"])
+        self.history = list(state["history"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir/checkpoints``, oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(config_dict))
+    for path in _IGNORED_CONFIG_KEYS:
+        node = out
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def check_output_dir(config: Config) -> Path | None:
+    """Refuse to mix runs in one output_dir; return the checkpoint to resume from, if any."""
+    out = Path(config.output_dir)
+    found = checkpoints(out)
+    saved = out / "config.yaml"
+    if config.resume not in ("auto", False):
+        path = Path(str(config.resume))
+        if not (path / COMPLETE_MARKER).is_file():
+            raise ConfigError(f"resume: {str(path)!r} is not a complete checkpoint directory")
+        return path
+    if not found:
+        return None
+    if config.overwrite:
+        shutil.rmtree(out / "checkpoints")
+        return None
+    if config.resume is False:
+        raise ConfigError(f"output_dir {str(out)!r} already holds checkpoints; use resume=auto "
+                          f"to continue, another output_dir, or overwrite=true to start over")
+    import yaml
+
+    if saved.is_file():
+        before = _comparable(yaml.safe_load(saved.read_text()))
+        now = _comparable(to_dict(config))
+        if before != now:
+            diff = _first_difference(before, now)
+            raise ConfigError(
+                f"output_dir {str(out)!r} holds checkpoints of a run with a different config "
+                f"({diff}); use another output_dir, or overwrite=true to start over")
+    return found[-1]
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temporary directory, marker, rename) and keep
+    the newest ``keep``."""
+    root = output_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path, output_dir: Path) -> Path:
+    """Load ``path``; if it is corrupt, fall back to older complete checkpoints."""
+    candidates = [path] + [p for p in reversed(checkpoints(output_dir)) if p != path]
+    errors = []
+    for candidate in candidates:
+        try:
+            accelerator.load_state(str(candidate))
+            return candidate
+        except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt"
+            errors.append(f"{candidate}: {type(e).__name__}: {e}")
+            accelerator.print(f"warning: checkpoint {candidate} could not be loaded ({e}); "
+                              f"trying an older one")
+    raise RuntimeError("no checkpoint could be loaded:\n" + "\n".join(errors))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss on a batch
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything the loop uses, built once."""
+
+    accelerator: Any
+    config: Config
+    tokenizer: Any
+    teacher: Any
+    student: Any
+    loss_fn: DistillationLoss
+    fused: bool
+    teacher_fused: bool
+    train_examples: list[D.Example]
+    eval_examples: list[D.Example]
+    vocab_size: int | None
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+def batch_loss(s: Setup, batch: dict[str, Tensor], loss_fn: DistillationLoss) -> Any:
+    """The summed loss of one micro-batch (``reduction="sum"``) with its parts."""
+    student, teacher, acc = s.student, s.teacher, s.accelerator
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    teacher_out = None
+    teacher_weight = None
+    if loss_fn.divergence is not None:
+        with torch.no_grad():
+            if s.teacher_fused:
+                teacher_out = M.final_hidden(teacher, acc.unwrap_model(teacher), **inputs)
+                teacher_weight, _ = M.plain_linear_head(acc.unwrap_model(teacher))
+            else:
+                teacher_out = teacher(**inputs, use_cache=False).logits
+        if not torch.isfinite(teacher_out).all():
+            raise FloatingPointError("the teacher's outputs contain NaN or inf")
+    if s.fused:
+        hidden = M.final_hidden(student, acc.unwrap_model(student), **inputs)
+        weight, bias = M.plain_linear_head(acc.unwrap_model(student))
+        return loss_fn.compute_fused(hidden, weight, teacher_out, labels, student_bias=bias,
+                                     teacher_weight=teacher_weight)
+    logits = student(**inputs, use_cache=False).logits  # (teacher_fused implies s.fused)
+    return loss_fn.compute(logits, teacher_out, labels)
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> dict[str, float]:
+    """Held-out metrics, token-weighted over all ranks: the distillation loss at the current
+    t, KL(teacher || student), the student's cross-entropy and perplexity on the labels, and
+    the teacher's."""
+    acc = s.accelerator
+    if not s.eval_examples:
+        return {}
+    s.student.eval()
+    common = dict(reduction="sum", vocab_size=s.vocab_size,
+                  implementation="chunked" if s.loss_fn.implementation != "eager" else "eager")
+    kl_fn = build_loss("fkl", **common)
+    ce_fn = build_loss("sft", **common)
+    totals = torch.zeros(5, dtype=torch.float64, device=acc.device)
+    batches = D.eval_batches(s.eval_examples, s.config.train.batch_size,
+                             s.tokenizer.pad_token_id, s.config.data.packing,
+                             rank=acc.process_index, world_size=acc.num_processes,
+                             limit=s.config.train.eval_batches)
+    for batch in batches:
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = s.student(**batch, use_cache=False).logits
+        ce = ce_fn.compute(logits, None, labels)
+        totals[0] += ce.num_tokens
+        totals[1] += ce.loss.double()
+        if s.teacher is not None:
+            t_logits = s.teacher(**batch, use_cache=False).logits
+            totals[2] += s.loss_fn.compute(logits, t_logits, labels).distill.double()
+            totals[3] += kl_fn.compute(logits, t_logits, labels).loss.double()
+            totals[4] += ce_fn.compute(t_logits, None, labels).loss.double()
+    totals = acc.reduce(totals, reduction="sum")
+    s.student.train()
+    n = max(totals[0].item(), 1.0)
+    metrics = {"eval/student_ce": totals[1].item() / n,
+               "eval/student_ppl": math.exp(min(totals[1].item() / n, 50.0)),
+               "eval/tokens": totals[0].item()}
+    if s.teacher is not None:
+        metrics.update({"eval/distill": totals[2].item() / n, "eval/kl_teacher_student":
+                        totals[3].item() / n, "eval/teacher_ce": totals[4].item() / n,
+                        "eval/teacher_ppl": math.exp(min(totals[4].item() / n, 50.0))})
+    if hasattr(s.loss_fn, "t"):
+        metrics["eval/t"] = s.loss_fn.t
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+def build(config: Config) -> Setup:
+    """Accelerator, models, tokenizer, data and loss, with every check before training."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+
+    trackers = config.log.trackers
+    if trackers is None:
+        trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    # A distributed launch without CUDA: accelerate forms a gloo (MULTI_CPU) group only when the
+    # CPU is asked for explicitly; otherwise every rank would silently train alone.
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=distributed_cpu,
+        # The LR schedule counts optimizer steps; accelerate would otherwise step it once per
+        # process each step (it assumes a per-process sharded dataloader).
+        step_scheduler_with_optimizer=False,
+        mixed_precision=config.train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / "logs")),
+    )
+    set_seed(config.seed)
+
+    # Tokenizer and models
+    needs_teacher = config.loss.name != "sft" or config.student.init == "teacher_layers"
+    teacher = None
+    tok_source = (config.teacher.tokenizer or config.teacher.name_or_path
+                  or config.student.tokenizer or config.student.name_or_path)
+    if tok_source is None:
+        raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student "
+                          "name_or_path)")
+    tokenizer = M.load_tokenizer(tok_source, config.teacher.trust_remote_code)
+    if needs_teacher:
+        teacher = M.freeze(M.load_model(config.teacher))
+    s_cfg = config.student
+    vocab = len(tokenizer)
+    if s_cfg.init == "teacher_layers":
+        student = M.student_from_teacher_layers(teacher, s_cfg.layers, s_cfg.dtype)
+    else:
+        student = M.load_model(s_cfg)
+        if s_cfg.init == "pretrained":
+            vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(
+                s_cfg.tokenizer or s_cfg.name_or_path, s_cfg.trust_remote_code))
+    if config.loss.name == "sft":
+        teacher = None  # only needed to cut the student from
+    vocab_size = M.shared_vocab_size(teacher, student, vocab)
+
+    # Loss and its path
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    impl = config.loss.implementation
+    fused_ok = not sharded
+    if fused_ok:
+        try:
+            M.plain_linear_head(student)
+        except ValueError as e:
+            if impl == "fused":
+                raise ConfigError(f"loss.implementation=fused: {e}") from None
+            fused_ok = False
+    elif impl == "fused":
+        raise ConfigError("loss.implementation=fused needs an unsharded output layer; under "
+                          "FSDP or DeepSpeed use chunked")
+    fused = impl == "fused" or (impl == "auto" and fused_ok)
+    teacher_fused = False
+    if teacher is not None and fused and not sharded:
+        try:
+            M.plain_linear_head(teacher)
+            teacher_fused = True
+        except ValueError:
+            teacher_fused = False
+    loss_kwargs = dict(config.loss.params)
+    loss_kwargs.setdefault("vocab_size", vocab_size)
+    if config.loss.name == "taid":
+        loss_kwargs["total_steps"] = config.train.max_steps
+    loss_fn = build_loss(config.loss.name, reduction="sum",
+                         implementation="eager" if impl == "eager" else "chunked", **loss_kwargs)
+
+    # Data
+    rows = D.load_rows(config.data, config.data.split)
+    examples = D.tokenize_dataset(rows, tokenizer, config.data, config.data.max_examples)
+    if config.data.eval_split:
+        eval_examples = D.tokenize_dataset(D.load_rows(config.data, config.data.eval_split),
+                                           tokenizer, config.data)
+        train_examples = examples
+    else:
+        train_examples, eval_examples = D.split_eval(examples, config.data.eval_size, config.seed)
+    rows_in = min(m.get_input_embeddings().weight.shape[0] for m in (teacher, student)
+                  if m is not None)
+    top = max(max(ex.input_ids) for ex in train_examples + eval_examples)
+    if top >= min(rows_in, vocab):
+        raise ConfigError(f"the data has token id {top}, beyond the shared vocabulary "
+                          f"({vocab}) or an embedding ({rows_in} rows); tokenize with the "
+                          f"smaller model's tokenizer (teacher.tokenizer)")
+    if config.data.packing:
+        train_examples = D.pack(train_examples, config.data.max_length)
+        eval_examples = D.pack(eval_examples, config.data.max_length)
+
+    # Devices, precision, distribution
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr,
+                                  betas=tuple(config.train.betas),
+                                  weight_decay=config.train.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
+                              num_warmup_steps=config.train.warmup_steps,
+                              num_training_steps=config.train.max_steps)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if teacher is not None:
+        if sharded:  # shard the teacher like the student instead of replicating it per rank
+            teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        else:  # frozen and replicated: just moved (and kept out of the checkpoints)
+            teacher = teacher.to(accelerator.device)
+    accelerator.register_for_checkpointing(loss_fn)
+    return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
+                 train_examples, eval_examples, vocab_size, optimizer, scheduler)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def train(config: Config) -> dict[str, Any]:
+    """Run a distillation from a validated config; returns the final metrics."""
+    out_dir = Path(config.output_dir)
+    resume_from = check_output_dir(config)
+    s = build(config)
+    acc, cfg = s.accelerator, config.train
+    optimizer, scheduler = s.optimizer, s.scheduler
+    state = TrainState()
+    acc.register_for_checkpointing(state)
+    stream = D.BatchStream(s.train_examples, cfg.batch_size, seed=config.seed,
+                           pad_id=s.tokenizer.pad_token_id, packed=config.data.packing,
+                           rank=acc.process_index, world_size=acc.num_processes)
+
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump(config))
+    if resume_from is not None:
+        loaded = load_checkpoint(acc, resume_from, out_dir)
+        stream.load_state_dict(state.data)
+        acc.print(f"resumed from {loaded} at step {state.step}")
+    acc.init_trackers(config.log.project, config=_flat(to_dict(config)))
+    metrics_path = out_dir / "metrics.jsonl"
+
+    before = evaluate(s) if state.step == 0 else {}
+    if before:
+        _log(acc, metrics_path, {"step": 0, **before})
+    samples = []
+    if config.log.samples and state.step == 0 and acc.is_main_process:
+        prompts = sample_prompts(s.eval_examples or s.train_examples, config.log.samples)
+        for prompt in prompts:
+            row = {"prompt": s.tokenizer.decode(prompt)}
+            if s.teacher is not None:
+                row["teacher"] = greedy(acc.unwrap_model(s.teacher), s.tokenizer, prompt,
+                                        config.log.sample_tokens)
+            row["student_before"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
+                                           config.log.sample_tokens)
+            samples.append(row)
+
+    progress = None
+    if config.log.progress and acc.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distil", dynamic_ncols=True)
+    batches = iter(stream)
+    s.student.train()
+    tokens_seen, t_start = 0, time.perf_counter()
+    while state.step < cfg.max_steps:
+        step = state.step
+        micro = [{k: v.to(acc.device) for k, v in next(batches).items()}
+                 for _ in range(cfg.grad_accum)]
+        # The denominator: valid tokens of the whole optimizer step, all micro-batches, all ranks.
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device),
+                                       reduction="sum").item())
+        scale = acc.num_processes / max(global_tokens, 1)  # DDP averages over ranks
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, distill, ce
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = acc.no_sync(s.student) if not sync else contextlib.nullcontext()
+            with ctx:
+                out = batch_loss(s, batch, s.loss_fn)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({out.loss.item()}) at step {step}, micro-batch {i}; "
+                        f"the student's outputs contain NaN or inf (lower train.lr, check "
+                        f"train.mixed_precision, or resume from the last checkpoint)")
+                acc.backward(out.loss * scale)
+            zero = out.loss.new_zeros(())
+            sums += torch.stack([out.loss.detach(),
+                                 out.distill if out.distill is not None else zero,
+                                 out.ce if out.ce is not None else zero]).double()
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(s.student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Token-weighted values of the whole step, identical on every rank.
+        sums = acc.reduce(sums, reduction="sum") / max(global_tokens, 1)
+        loss_value, distill_value, ce_value = (float(x) for x in sums)
+        t_before = getattr(s.loss_fn, "t", None)
+        s.loss_fn.step(distill_value)
+        state.step += 1
+        state.data = stream.state_dict()
+        tokens_seen += global_tokens
+        record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                  "tokens": global_tokens,
+                  "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9)}
+        if s.loss_fn.divergence:
+            record["distill"] = distill_value
+        if s.loss_fn.distill_weight < 1.0 and s.loss_fn.divergence:
+            record["ce"] = ce_value
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if t_before is not None:
+            sched = s.loss_fn.scheduler
+            record.update({"t": t_before, "t_next": sched.t, "dt": sched.dt,
+                           "momentum": sched.momentum})
+        state.history.append({k: record[k] for k in ("step", "loss", "t") if k in record})
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            _log(acc, metrics_path, record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", t=f"{t_before or 0:.3f}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+            _log(acc, metrics_path, {"step": state.step, **evaluate(s)})
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
+            save_checkpoint(acc, out_dir, state.step, cfg.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+
+    after = evaluate(s)
+    _log(acc, metrics_path, {"step": state.step, **after})
+    for row in samples:
+        row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer,
+                                      s.tokenizer(row["prompt"], add_special_tokens=False)
+                                      ["input_ids"], config.log.sample_tokens)
+    save_checkpoint(acc, out_dir, state.step, cfg.keep_checkpoints)
+    final_dir = out_dir / "final"
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(s.student)
+    unwrapped.save_pretrained(final_dir, is_main_process=acc.is_main_process,
+                              save_function=acc.save, state_dict=acc.get_state_dict(s.student))
+    if acc.is_main_process:
+        s.tokenizer.save_pretrained(final_dir)
+        if config.log.plot:
+            plot_history(state.history, out_dir / "loss_and_t.png")
+    acc.end_training()
+    return {"before": before, "after": after, "steps": state.step, "final_dir": str(final_dir),
+            "samples": samples, "is_main_process": acc.is_main_process, "setup": s}
+
+
+def sample_prompts(examples: list[D.Example], n: int) -> list[list[int]]:
+    """Up to ``n`` prompts: each example's tokens before its first target token."""
+    prompts = []
+    for ex in examples[:n]:
+        first = next((i for i, t in enumerate(ex.targets) if t), len(ex.targets))
+        prompts.append(ex.input_ids[:max(first, 1)])
+    return prompts
+
+
+@torch.no_grad()
+def greedy(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` (token ids), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v if v is not None else "null"
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _log(acc: Any, path: Path, record: dict[str, Any]) -> None:
+    """One JSON line in output_dir/metrics.jsonl (main process) and the trackers. Other ranks
+    write step, loss and t to metrics.rankN.jsonl, so agreement across ranks can be checked."""
+    if acc.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    elif "loss" in record:
+        rank_path = path.with_name(f"metrics.rank{acc.process_index}.jsonl")
+        with rank_path.open("a") as f:
+            f.write(json.dumps({k: record[k] for k in ("step", "loss", "t") if k in record})
+                    + "\n")
+    acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> bool:
+    """Loss and t over steps as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax.set_title("training loss and TAID's t" if history and "t" in history[0]
+                 else "training loss")
+    if history and "t" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [h["t"] for h in history], color="tab:red", label="t")
+        ax2.set_ylabel("t", color="tab:red")
+        ax2.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,231 @@
+"""The training loop end to end on configs/smoke.yaml (tiny random models, the shipped data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taid import data as D
+from taid import trainer as T
+from taid.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def smoke(tmp_path: Path, *overrides: str):
+    return load_config(SMOKE, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def metrics(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(SMOKE),
+         f"output_dir={out}", "log.samples=1", "log.sample_tokens=4"],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student after" in proc.stdout and "prompt:" in proc.stdout
+    for name in ("config.yaml", "metrics.jsonl", "loss_and_t.png", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json"):
+        assert (out / name).is_file(), name
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all(r["t"] >= 0.4 for r in steps) and steps[-1]["t_next"] == pytest.approx(
+        0.4 + 0.6 * 5 / 6)
+    evals = [r for r in metrics(out) if "eval/kl_teacher_student" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003", "step-00000006"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.num_hidden_layers == 1
+    # loading the saved student reproduces its held-out loss
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = T.train(smoke(tmp_path / "a", "train.save_every=2"))
+    full_dir = Path(full["final_dir"]).parent
+
+    calls = {"n": 0}
+    real = T.batch_loss
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:  # step 4 (0-based 3), second micro-batch: mid-step
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "batch_loss", crashing)
+    config = smoke(tmp_path / "b", "train.save_every=2")
+    with pytest.raises(Crash):
+        T.train(config)
+    out = Path(config.output_dir)
+    assert [p.name for p in T.checkpoints(out)] == ["step-00000002"]
+    monkeypatch.setattr(T, "batch_loss", real)
+    resumed = T.train(config)
+    assert resumed["steps"] == 6
+    a, b = weights(full_dir / "final"), weights(out / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    ta = [(r["step"], r["t"]) for r in metrics(full_dir) if "t" in r]
+    tb = {r["step"]: r["t"] for r in metrics(out) if "t" in r}
+    assert all(tb[s] == pytest.approx(t, abs=1e-12) for s, t in ta)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    out2 = tmp_path / "two"
+    # accelerate launch with two processes on this CPU machine (torchrun + gloo; see the config)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+           str(ROOT / "scripts" / "train.py"), "--config", str(SMOKE), f"output_dir={out2}",
+           "train.batch_size=2", "train.save_every=0", "train.eval_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0 = [r for r in metrics(out2) if "loss" in r]
+    rank1 = metrics(out2, "metrics.rank1.jsonl")
+    assert len(rank0) == len(rank1) == 6
+    for r0, r1 in zip(rank0, rank1):
+        assert r0["t"] == r1["t"] and r0["loss"] == pytest.approx(r1["loss"], abs=0)
+    one = T.train(smoke(tmp_path / "one", "train.batch_size=4", "train.save_every=0",
+                        "train.eval_every=0"))
+    single = [r for r in metrics(Path(one["final_dir"]).parent) if "loss" in r]
+    for r1, r2 in zip(single, rank0):
+        assert r1["tokens"] == r2["tokens"]
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=2e-4)
+        assert r1["t"] == pytest.approx(r2["t"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error before work is lost
+# --------------------------------------------------------------------------------------------
+def test_missing_data_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.path: file '.*nope.jsonl' does not exist"):
+        T.train(smoke(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}"))
+
+
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ConfigError, match="no usable examples"):
+        T.train(smoke(tmp_path, f"data.path={empty}"))
+
+
+def test_too_long_without_truncation(tmp_path):
+    with pytest.raises(ConfigError, match=r"example \d+ has \d+ tokens, more than "
+                                          r"data.max_length=16"):
+        T.train(smoke(tmp_path, "data.max_length=16", "data.truncation=false"))
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path):
+    config = smoke(tmp_path, "train.max_steps=2", "train.save_every=1", "log.plot=false")
+    T.train(config)
+    with pytest.raises(ConfigError, match=r"different config \(train.lr: saved 0.001, now 0.01\)"):
+        T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "train.lr=0.01"))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "resume=false"))
+    assert T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "train.lr=0.01",
+                                    "overwrite=true")) is None
+
+
+def test_corrupt_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
+    config = smoke(tmp_path, "train.max_steps=4", "train.save_every=2",
+                   "train.keep_checkpoints=3", "log.plot=false")
+    T.train(config)
+    out = Path(config.output_dir)
+    newest = T.checkpoints(out)[-1]
+    for f in newest.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    resumed = T.train(load_config(SMOKE, [f"output_dir={out}", "train.max_steps=4",
+                                          "train.save_every=2", "train.keep_checkpoints=3",
+                                          "log.plot=false"]))
+    assert "could not be loaded" in capsys.readouterr().out
+    assert resumed["steps"] == 4
+
+
+def test_mismatched_tokenizers_are_named():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from taid.models import check_tokenizers, load_tokenizer
+
+    smol = load_tokenizer("smollm2-135m-instruct")
+    words = {w: i for i, w in enumerate(["<unk>", "hello", "world", "taid"])}
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<unk>")))
+    with pytest.raises(ValueError, match=r"teacher tokenizer .*49152 tokens.* student "
+                                         r"tokenizer .* disagree on token ids"):
+        check_tokenizers(smol, other)
+    assert check_tokenizers(smol, smol) == 49152
+
+
+def test_response_only_masking_keeps_end_of_turn_when_pad_is_eos():
+    """Regression (PITFALLS 1): pad == eos must not mask the end-of-turn target."""
+    from taid.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    assert tok.pad_token_id == tok.eos_token_id
+    cfg = load_config(SMOKE).data
+    ex = D.tokenize_row({"messages": [{"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello there."}]},
+                        "messages", tok, cfg)
+    batch = D.collate([ex, D.Example(ex.input_ids[:5], ex.targets[:5])], tok.pad_token_id,
+                      packed=False)
+    labels = batch["labels"][0]
+    targets = labels[labels != -100].tolist()
+    assert tok.decode(targets).startswith("Hello there.")
+    assert targets[-2] == tok.convert_tokens_to_ids("<|im_end|>") or \
+        targets[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt_part = tok.decode(ex.input_ids[:ex.targets.index(1)])
+    assert "Hi" in prompt_part and "Hello" not in prompt_part
+    assert (batch["labels"][1] == -100).all() or batch["attention_mask"][1, 5:].sum() == 0
+
+
+def test_packing_never_attends_across_examples():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2)).eval()
+    a = D.Example([1, 5, 7, 9], [1, 1, 1, 1])
+    b = D.Example([2, 4, 6], [1, 1, 1])
+    packed = D.collate(D.pack([a, b], 16), pad_id=0, packed=True)
+    alone = D.collate([b], pad_id=0, packed=False)
+    with torch.no_grad():
+        # the trainer always runs without a KV cache: only then does transformers derive the
+        # block-diagonal mask from the restarting position_ids
+        lp = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                   use_cache=False).logits
+        lb = model(**{k: v for k, v in alone.items() if k != "labels"}, use_cache=False).logits
+        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
+    torch.testing.assert_close(lp[0, 4:7], lb[0, :3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(leaky[0, 4:7], lb[0, :3], atol=1e-3)  # the test can tell a leak
+    assert packed["labels"][0].tolist()[:7] == [5, 7, 9, -100, 4, 6, -100]
