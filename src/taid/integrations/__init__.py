@@ -1,0 +1,1 @@
+"""Integrations with other training frameworks (import the submodule you need)."""

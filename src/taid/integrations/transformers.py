@@ -1,0 +1,188 @@
+"""TAID (or any registered loss) inside a ``transformers.Trainer`` run.
+
+``TAIDTrainer`` is a drop-in ``Trainer`` that takes a teacher and loss settings::
+
+    trainer = TAIDTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
+                          train_dataset=..., data_collator=..., loss="taid",
+                          loss_kwargs={"t_start": 0.4})
+    trainer.train()
+
+What it guarantees:
+
+- The teacher runs in eval mode without gradient, on the student's device, under the same
+  autocast as the student.
+- Labels follow the transformers convention (unshifted, ``-100`` ignored); they are shifted here.
+- The loss is summed over tokens and divided by the Trainer's ``num_items_in_batch`` (the valid
+  tokens of the whole accumulation window, across devices), so gradient accumulation and data
+  parallelism weight every token equally.
+- ``t`` advances once per optimizer step (not per micro-batch, never during evaluation), from
+  the token-weighted TAID loss of the whole step, all-reduced across ranks.
+- ``t``, ``dt``, the momentum and the distillation term are logged through the Trainer's own
+  logging; the schedule is saved in every checkpoint (``taid_state.json``) and restored by
+  ``trainer.train(resume_from_checkpoint=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from taid.losses import DistillationLoss, build_loss
+
+STATE_FILE = "taid_state.json"
+
+
+class _StepCallback(TrainerCallback):
+    """Builds the loss when training starts (the number of steps is known then) and advances
+    the schedule after each optimizer step (the Trainer calls on_step_end then)."""
+
+    def __init__(self, trainer: TAIDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.trainer._start_training()
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.trainer._end_optimizer_step()
+        return control
+
+
+class TAIDTrainer(Trainer):
+    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model``.
+
+    Args:
+        teacher_model: the teacher (a causal LM with the student's tokenizer).
+        loss: a registry name (``taid``, ``fkl``, ``rkl``, ``tvd``, ``jsd``, ``skl``, ``srkl``,
+            ``akl``, ``sft``) or a built :class:`~taid.losses.DistillationLoss`.
+        loss_kwargs: keyword arguments of the loss (``t_start``, ``alpha``, ``distill_weight``,
+            ...). For ``taid``, ``total_steps`` defaults to the Trainer's number of optimizer
+            steps.
+        *args, **kwargs: passed to ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, teacher_model: nn.Module | None = None,
+                 loss: str | DistillationLoss = "taid", loss_kwargs: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss_spec = loss
+        self._loss_kwargs = dict(loss_kwargs or {})
+        self.loss_fn: DistillationLoss | None = loss if isinstance(loss, DistillationLoss) else None
+        # fail on bad loss settings now, not when training starts
+        self._check_loss(self.loss_fn or self._new_loss(1))
+        if teacher_model is None and (self.loss_fn is None or self.loss_fn.divergence) \
+                and loss != "sft":
+            raise ValueError(f"loss {loss!r} needs teacher_model")
+        self.teacher = teacher_model
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+        # We normalise by num_items_in_batch ourselves: make the Trainer always compute it and
+        # not divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self._step_sums = torch.zeros(2, dtype=torch.float64)  # distill sum, tokens
+        self._last_distill: float | None = None
+        self.add_callback(_StepCallback(self))
+
+    # -- loss --------------------------------------------------------------------------------
+    @staticmethod
+    def _check_loss(loss_fn: DistillationLoss | None) -> None:
+        if loss_fn is not None and loss_fn.ignore_index != -100:
+            raise ValueError("the Trainer counts num_items_in_batch over labels != -100; use "
+                             "ignore_index=-100 with TAIDTrainer")
+
+    def _new_loss(self, total_steps: int) -> DistillationLoss:
+        kwargs = dict(self._loss_kwargs)
+        if self._loss_spec == "taid":
+            kwargs.setdefault("total_steps", max(total_steps, 1))
+        loss_fn = build_loss(str(self._loss_spec), reduction="sum", **kwargs)
+        self._check_loss(loss_fn)
+        return loss_fn
+
+    def _start_training(self) -> None:
+        if self.loss_fn is None:
+            self.loss_fn = self._new_loss(int(self.state.max_steps))
+        self.loss_fn.reduction = "sum"
+        state = getattr(self, "_pending_state", None)
+        if state is not None:  # resuming: the schedule continues where the checkpoint left it
+            self.loss_fn.scheduler.load_state_dict(state)
+            self._pending_state = None
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        # before training starts (an early evaluate()), a loss at the schedule's start
+        loss_fn = self.loss_fn or self._new_loss(1)
+        loss_fn.reduction = "sum"
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits[:, :-1]
+        targets = labels[:, 1:]  # transformers labels are unshifted; ours: position i -> i + 1
+        teacher_logits = None
+        if loss_fn.divergence is not None:
+            if self.teacher is None:
+                raise ValueError("this loss needs teacher_model")
+            device = logits.device
+            if next(self.teacher.parameters()).device != device:
+                self.teacher.to(device)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs, use_cache=False).logits[:, :-1]
+        out = loss_fn.compute(logits, teacher_logits, targets)
+        if num_items_in_batch is None:
+            denominator = out.num_tokens.clamp_min(1)
+            scale = 1.0
+        else:
+            denominator = num_items_in_batch
+            # as the Trainer does: num_items_in_batch counts every device, DDP averages
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices \
+                else 1.0
+        loss = out.loss * scale / denominator
+        if model.training and out.distill is not None:
+            self._step_sums += torch.tensor([float(out.distill), float(out.num_tokens)],
+                                            dtype=torch.float64)
+        return (loss, outputs) if return_outputs else loss
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _end_optimizer_step(self) -> None:
+        sums = self._step_sums.to(self.accelerator.device)
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        self._step_sums.zero_()
+        if sums[1] > 0 and self.loss_fn is not None:
+            self._last_distill = float(sums[0] / sums[1])
+            self.loss_fn.step(self._last_distill)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.loss_fn is not None and "loss" in logs:
+            if self._last_distill is not None:
+                logs["distill"] = self._last_distill
+            sched = getattr(self.loss_fn, "scheduler", None)
+            if sched is not None:
+                logs.update({"taid_t": sched.t, "taid_dt": sched.dt,
+                             "taid_momentum": sched.momentum})
+        super().log(logs, start_time)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        sched = getattr(self.loss_fn, "scheduler", None)
+        if sched is None or not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(sched.state_dict(), f)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None
+                              ) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            self._pending_state = json.load(f)  # applied in on_train_begin

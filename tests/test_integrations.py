@@ -1,0 +1,116 @@
+"""taid.integrations.transformers.TAIDTrainer on tiny models."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taid import functional as TF
+from taid.integrations.transformers import STATE_FILE, TAIDTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def example():
+    sys_argv = sys.argv
+    sys.argv = ["hf_trainer.py"]
+    try:
+        return runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"))
+    finally:
+        sys.argv = sys_argv
+
+
+def make_trainer(example, out: Path, steps: int, **kw) -> TAIDTrainer:
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    teacher = example["tiny_llama"](96, 2)
+    student = example["tiny_llama"](48, 1)
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=3e-3,
+                             lr_scheduler_type="cosine", logging_steps=1, save_steps=3,
+                             report_to=[], seed=0, use_cpu=True, **kw.pop("args", {}))
+    return TAIDTrainer(model=student, teacher_model=teacher, args=args,
+                       train_dataset=example["CountingDataset"](64, seed=0),
+                       eval_dataset=example["CountingDataset"](8, seed=1), **kw)
+
+
+@pytest.mark.slow
+def test_example_runs_and_t_moves_once_per_optimizer_step(example, tmp_path):
+    trainer = example["main"](steps=6, output_dir=str(tmp_path))
+    sched = trainer.loss_fn.scheduler
+    assert sched.num_steps == 6  # 6 optimizer steps of 2 micro-batches each
+    assert trainer.loss_fn.t == pytest.approx(0.4 + 0.6 * 5 / 6)
+    logged = [h for h in trainer.state.log_history if "taid_t" in h]
+    assert logged and all({"taid_dt", "taid_momentum", "distill"} <= set(h) for h in logged)
+    assert (tmp_path / "checkpoint-6" / STATE_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_evaluation_never_moves_t(example, tmp_path):
+    trainer = make_trainer(example, tmp_path, steps=2)
+    trainer.evaluate()  # before training: no schedule yet, nothing moves
+    trainer.train()
+    before = trainer.loss_fn.scheduler.state_dict()
+    trainer.evaluate()
+    assert trainer.loss_fn.scheduler.state_dict() == before
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_restores_the_schedule(example, tmp_path):
+    full = make_trainer(example, tmp_path / "full", steps=6)
+    full.train()
+    from transformers import TrainerCallback
+
+    class StopAfter3(TrainerCallback):  # an interruption: the run was meant to last 6 steps
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 3
+            control.should_save = control.should_save or state.global_step == 3
+            return control
+
+    part = make_trainer(example, tmp_path / "part", steps=6, callbacks=[StopAfter3()])
+    part.train()
+    saved = json.loads((tmp_path / "part" / "checkpoint-3" / STATE_FILE).read_text())
+    assert saved["num_steps"] == 3
+    resumed = make_trainer(example, tmp_path / "part", steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))
+    a, b = full.loss_fn.scheduler.state_dict(), resumed.loss_fn.scheduler.state_dict()
+    assert b["num_steps"] == 6
+    assert b["t"] == pytest.approx(a["t"], abs=1e-9)
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compute_loss_divides_by_num_items_in_batch(example, tmp_path):
+    trainer = make_trainer(example, tmp_path, steps=1)
+    trainer._start_training()
+    batch = torch.utils.data.default_collate([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(50))
+    with torch.no_grad():
+        s = trainer.model(input_ids=batch["input_ids"]).logits[:, :-1]
+        t = trainer.teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+    expected = TF.taid_loss(s, t, batch["labels"][:, 1:], t=0.4, reduction="sum") / 50
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_baselines_can_replace_taid(example, tmp_path):
+    trainer = make_trainer(example, tmp_path, steps=2, loss="skl", loss_kwargs={"alpha": 0.2})
+    trainer.train()
+    assert trainer.loss_fn.divergence == "skl" and trainer.loss_fn.alpha == 0.2
+
+
+def test_custom_ignore_index_is_refused(example, tmp_path):
+    from taid import build_loss
+
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        make_trainer(example, tmp_path, steps=1, loss="fkl", loss_kwargs={"ignore_index": 0})
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        make_trainer(example, tmp_path, steps=1, loss=build_loss("fkl", ignore_index=0))
+    with pytest.raises(ValueError, match="does not take"):
+        make_trainer(example, tmp_path, steps=1, loss="taid", loss_kwargs={"temperature": 2.0})
