@@ -214,6 +214,25 @@ def _scale_(grads: list[Tensor | None], grad_output: Tensor, per_row: bool) -> N
             g.mul_(grad_output.to(g.dtype))
 
 
+def _finish_forward(ctx: Any, stats: ChunkStats, idx: Tensor, n_rows: int,
+                    reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The Functions' outputs: the reduced loss, and the per-token parts without gradient."""
+    ctx.used = False
+    empty = stats.loss.new_zeros(0)
+    distill = stats.distill if stats.distill is not None else empty
+    ce = stats.ce if stats.ce is not None else empty
+    ctx.mark_non_differentiable(distill, ce)
+    return reduce_rows(stats.loss, idx, n_rows, reduction), distill, ce
+
+
+def _backward_once(ctx: Any) -> None:
+    """The stored gradients are scaled in place: a second backward would be wrong."""
+    if ctx.used:
+        raise RuntimeError("the chunked loss can be backpropagated once; use "
+                           "implementation='eager' for double backward or retain_graph")
+    ctx.used = True
+
+
 class _ChunkedLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, student: Tensor, idx: Tensor, teacher: TeacherSource | None,
@@ -235,21 +254,13 @@ class _ChunkedLogits(torch.autograd.Function):
 
         stats = run_chunks(idx, n_rows, chunk_size, student_rows, teacher, labels, objective,
                            width, scale, consume)
-        out = reduce_rows(stats.loss, idx, n_rows, reduction)
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
-        ctx.used = False
-        distill = stats.distill if stats.distill is not None else stats.loss.new_zeros(0)
-        ce = stats.ce if stats.ce is not None else stats.loss.new_zeros(0)
-        ctx.mark_non_differentiable(distill, ce)
-        return out, distill, ce
+        return _finish_forward(ctx, stats, idx, n_rows, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        if ctx.used:
-            raise RuntimeError("the chunked loss can be backpropagated once; use "
-                               "implementation='eager' for double backward or retain_graph")
-        ctx.used = True
+        _backward_once(ctx)
         (grad,) = ctx.saved_tensors
         _scale_([grad], grad_out, ctx.per_row)
         return grad, None, None, None, None, None, None, None
@@ -290,21 +301,14 @@ class _FusedLinear(torch.autograd.Function):
 
         stats = run_chunks(idx, hidden.shape[0], chunk_size, student_rows, teacher, labels,
                            objective, width, scale, consume)
-        out = reduce_rows(stats.loss, idx, hidden.shape[0], reduction)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.used = False
-        distill = stats.distill if stats.distill is not None else stats.loss.new_zeros(0)
-        ce = stats.ce if stats.ce is not None else stats.loss.new_zeros(0)
-        ctx.mark_non_differentiable(distill, ce)
-        return out, distill, ce
+        return _finish_forward(ctx, stats, idx, hidden.shape[0], reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        if ctx.used:
-            raise RuntimeError("the fused loss can be backpropagated once")
-        ctx.used = True
+        _backward_once(ctx)
         grad_h, grad_w, grad_b = ctx.saved_tensors
         _scale_([grad_h, grad_w, grad_b], grad_out, per_row=False)
         grad_w = grad_w.to(ctx.weight_dtype)
