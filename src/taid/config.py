@@ -132,8 +132,8 @@ class TrainConfig:
     """AdamW betas."""
     lr_scheduler: str = "cosine"
     """Any name transformers.get_scheduler knows (cosine, linear, constant_with_warmup, ...)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; ``null``: 5% of ``max_steps`` (rounded down)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping (``null`` disables)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -357,6 +357,8 @@ def validate(config: Config) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.grad_accum", t.grad_accum)
     _positive("train.lr", t.lr)
+    if t.warmup_steps is None:
+        t.warmup_steps = int(0.05 * t.max_steps)
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.save_every", t.save_every, allow_zero=True)
