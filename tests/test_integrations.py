@@ -114,3 +114,69 @@ def test_custom_ignore_index_is_refused(example, tmp_path):
         make_trainer(example, tmp_path, steps=1, loss=build_loss("fkl", ignore_index=0))
     with pytest.raises(ValueError, match="does not take"):
         make_trainer(example, tmp_path, steps=1, loss="taid", loss_kwargs={"temperature": 2.0})
+
+
+@pytest.mark.slow
+def test_trainer_integration_matches_our_loop(tmp_path):
+    """Same initial weights, the same batches in the same order, the same optimizer and
+    schedule: TAIDTrainer and taid's own loop give the same t trajectory and final weights.
+    The loop here uses the fused loss, the Trainer the logits path: equal up to float32."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from taid import data as D
+    from taid import trainer as T
+    from taid.config import load_config
+
+    config = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"output_dir={tmp_path / 'ours'}", "train.eval_every=0", "train.save_every=0",
+        "data.eval_size=0", "log.plot=false"])
+    initial = T.build(config)
+    student0 = {k: v.clone() for k, v in initial.student.state_dict().items()}
+    teacher = initial.teacher
+    ours = T.train(config)
+    final_ours = load_file(str(Path(ours["final_dir"]) / "model.safetensors"))
+    t_ours = [json.loads(line)["t"] for line in
+              (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+
+    # The examples in the order our loop consumed them, as transformers-style rows.
+    tc = config.train
+    stream = D.BatchStream(initial.train_examples, tc.batch_size, seed=config.seed, pad_id=0,
+                           packed=False)
+    order = stream.order(0)
+    n = tc.max_steps * tc.grad_accum * tc.batch_size
+    assert n <= stream.batches_per_epoch * tc.batch_size  # one epoch suffices here
+    rows = [initial.train_examples[i] for i in order[:n]]
+    pad = initial.tokenizer.pad_token_id
+
+    def collate(batch):
+        out = D.collate(batch, pad, packed=False)
+        hf_labels = torch.full_like(out["input_ids"], -100)  # unshifted, as transformers wants
+        hf_labels[:, 1:] = out["labels"][:, :-1]
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
+                "labels": hf_labels}
+
+    class InOrder(TAIDTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    student = AutoModelForCausalLM.from_config(initial.student.config)
+    student.load_state_dict(student0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=tc.lr, adam_beta1=tc.betas[0], adam_beta2=tc.betas[1],
+        weight_decay=tc.weight_decay, lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_steps, max_grad_norm=tc.max_grad_norm, optim="adamw_torch",
+        logging_steps=1, save_strategy="no", report_to=[], seed=config.seed, use_cpu=True,
+        dataloader_drop_last=True)
+    hf = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                 data_collator=collate, loss="taid", loss_kwargs=dict(config.loss.params))
+    hf.train()
+    t_hf = [h["taid_t"] for h in hf.state.log_history if "taid_t" in h]
+    # ours logs the t used in each step; the Trainer logs t after the step's update
+    assert t_hf == pytest.approx(t_ours[1:] + [hf.loss_fn.t], abs=1e-9)
+    for name, p in hf.model.state_dict().items():
+        if name in final_ours:
+            torch.testing.assert_close(p, final_ours[name], rtol=1e-4, atol=1e-6, msg=name)
