@@ -180,3 +180,15 @@ def test_trainer_integration_matches_our_loop(tmp_path):
     for name, p in hf.model.state_dict().items():
         if name in final_ours:
             torch.testing.assert_close(p, final_ours[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_trl_sft_example(tmp_path, monkeypatch):
+    """TAIDTrainerMixin on TRL's SFTTrainer: TRL's batches (unshifted labels) drive TAID."""
+    pytest.importorskip("trl")
+    monkeypatch.setattr(sys, "argv", ["trl_sft.py"])
+    module = runpy.run_path(str(ROOT / "examples" / "trl_sft.py"))
+    trainer = module["main"](steps=3, output_dir=str(tmp_path))
+    assert trainer.loss_fn.scheduler.num_steps == 3
+    assert trainer.loss_fn.t == pytest.approx(0.4 + 0.6 * 2 / 3)
+    assert any("taid_t" in h for h in trainer.state.log_history)

@@ -35,13 +35,14 @@ from transformers import Trainer, TrainerCallback
 from taid.losses import DistillationLoss, build_loss
 
 STATE_FILE = "taid_state.json"
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 class _StepCallback(TrainerCallback):
     """Builds the loss when training starts (the number of steps is known then) and advances
     the schedule after each optimizer step (the Trainer calls on_step_end then)."""
 
-    def __init__(self, trainer: TAIDTrainer) -> None:
+    def __init__(self, trainer: TAIDTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -53,17 +54,10 @@ class _StepCallback(TrainerCallback):
         return control
 
 
-class TAIDTrainer(Trainer):
-    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model``.
-
-    Args:
-        teacher_model: the teacher (a causal LM with the student's tokenizer).
-        loss: a registry name (``taid``, ``fkl``, ``rkl``, ``tvd``, ``jsd``, ``skl``, ``srkl``,
-            ``akl``, ``sft``) or a built :class:`~taid.losses.DistillationLoss`.
-        loss_kwargs: keyword arguments of the loss (``t_start``, ``alpha``, ``distill_weight``,
-            ...). For ``taid``, ``total_steps`` defaults to the Trainer's number of optimizer
-            steps.
-        *args, **kwargs: passed to ``transformers.Trainer``.
+class TAIDTrainerMixin:
+    """The distillation behaviour of :class:`TAIDTrainer`, for any ``transformers.Trainer``
+    subclass: ``class MySFT(TAIDTrainerMixin, trl.SFTTrainer): ...`` keeps TRL's data handling
+    and replaces its loss. Arguments as :class:`TAIDTrainer`.
     """
 
     def __init__(self, *args: Any, teacher_model: nn.Module | None = None,
@@ -117,8 +111,9 @@ class TAIDTrainer(Trainer):
         # before training starts (an early evaluate()), a loss at the schedule's start
         loss_fn = self.loss_fn or self._new_loss(1)
         loss_fn.reduction = "sum"
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
+        labels = inputs["labels"]
+        # only the model's inputs: collators (TRL's) may add masks the forward does not take
+        inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
         outputs = model(**inputs, use_cache=False)
         logits = outputs.logits[:, :-1]
         targets = labels[:, 1:]  # transformers labels are unshifted; ours: position i -> i + 1
@@ -186,3 +181,17 @@ class TAIDTrainer(Trainer):
             return
         with open(path) as f:
             self._pending_state = json.load(f)  # applied in on_train_begin
+
+
+class TAIDTrainer(TAIDTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model``.
+
+    Args:
+        teacher_model: the teacher (a causal LM with the student's tokenizer).
+        loss: a registry name (``taid``, ``fkl``, ``rkl``, ``tvd``, ``jsd``, ``skl``, ``srkl``,
+            ``akl``, ``sft``) or a built :class:`~taid.losses.DistillationLoss`.
+        loss_kwargs: keyword arguments of the loss (``t_start``, ``alpha``, ``distill_weight``,
+            ...). For ``taid``, ``total_steps`` defaults to the Trainer's number of optimizer
+            steps.
+        *args, **kwargs: passed to ``transformers.Trainer``.
+    """
