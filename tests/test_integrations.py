@@ -179,7 +179,8 @@ def test_trainer_integration_matches_our_loop(tmp_path):
     assert t_hf == pytest.approx(t_ours[1:] + [hf.loss_fn.t], abs=1e-9)
     for name, p in hf.model.state_dict().items():
         if name in final_ours:
-            torch.testing.assert_close(p, final_ours[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(p, final_ours[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow

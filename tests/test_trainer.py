@@ -229,3 +229,17 @@ def test_packing_never_attends_across_examples():
     torch.testing.assert_close(lp[0, 4:7], lb[0, :3], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(leaky[0, 4:7], lb[0, :3], atol=1e-3)  # the test can tell a leak
     assert packed["labels"][0].tolist()[:7] == [5, 7, 9, -100, 4, 6, -100]
+
+
+@pytest.mark.slow
+def test_builtin_conversion_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """Regression: converting the built-in teacher on first use drew from the global RNG after
+    set_seed, so a run's initial weights depended on whether ~/.cache/taid existed."""
+    from taid import models as M
+
+    monkeypatch.setenv("TAID_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    path = M.builtin_model_dir("smollm2-135m-instruct")
+    assert (path / "model.safetensors").is_file()
+    assert torch.equal(torch.get_rng_state(), before)

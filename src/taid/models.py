@@ -101,6 +101,14 @@ def builtin_model_dir(name: str) -> Path:
     source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / filename).is_file():
         raise FileNotFoundError(f"{source / filename} is missing; reinstall with {_INSTALL_HINT}")
+    # Building models draws random initial weights: keep the caller's RNG untouched, so a run's
+    # initialisation does not depend on whether this cache existed.
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(source, filename, target, name)
+    return target
+
+
+def _convert_gguf(source: Path, filename: str, target: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename,
@@ -126,7 +134,6 @@ def builtin_model_dir(name: str) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve(name_or_path: str) -> str:
