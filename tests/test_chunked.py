@@ -283,3 +283,72 @@ def test_fused_all_rows_valid_matches_reference():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(h.grad.double(), hr.grad, rtol=2e-4, atol=2e-7)
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=2e-4, atol=2e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k teachers
+# --------------------------------------------------------------------------------------------
+def topk_of(teacher_logits: torch.Tensor, k: int):
+    from taid.chunked import TopKTeacher
+
+    log_p = torch.log_softmax(teacher_logits.double(), -1).reshape(-1, teacher_logits.shape[-1])
+    values, ids = log_p.topk(k, dim=-1)
+    return TopKTeacher(values.float(), ids.int(), teacher_logits.shape[-1])
+
+
+def test_topk_teacher_rebuilds_a_normalised_distribution_with_exact_top_entries():
+    _, teacher, _ = make_inputs((3, 7), 50, seed=20)
+    source = topk_of(teacher, 8)
+    rebuilt = source.rows(slice(0, 21), 50).double()
+    torch.testing.assert_close(rebuilt.logsumexp(-1), torch.zeros(21, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    log_p = torch.log_softmax(teacher.double(), -1).reshape(21, 50)
+    top = log_p.topk(8, -1)
+    torch.testing.assert_close(rebuilt.gather(1, top.indices), top.values, atol=1e-6, rtol=0)
+    # every other id carries the same share of the remaining mass
+    mask = torch.ones_like(rebuilt, dtype=torch.bool).scatter_(1, top.indices, False)
+    rest = 1 - source.log_probs.double().exp().sum(-1)  # from the stored (float32) values
+    torch.testing.assert_close(rebuilt[mask].reshape(21, 42),
+                               (rest / 42).log()[:, None].expand(21, 42), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["taid", "fkl", "jsd"])
+def test_full_k_topk_teacher_is_exact(name):
+    student, teacher, labels = make_inputs((3, 11), 37, seed=21)
+    s1 = student.clone().requires_grad_(True)
+    out = TF.loss_terms(name, s1, topk_of(teacher, 37), labels, ignore_index=42,
+                        chunk_size=5, **PARAMS[name]).loss
+    (2 * out).backward()
+    s2 = student.double().requires_grad_(True)
+    ref = reference(name, s2, teacher.double(), labels, PARAMS[name], ignore_index=42)
+    (2 * ref).backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=2e-4, atol=1e-7)
+
+
+def test_topk_teacher_loss_equals_the_loss_on_its_rebuilt_logits_and_improves_with_k():
+    student, teacher, labels = make_inputs((4, 9), 64, seed=22, scale=4.0)
+    exact = TF.taid_loss(student, teacher, labels, t=0.7, ignore_index=42)
+    errors = []
+    for k in (4, 16, 64):
+        source = topk_of(teacher, k)
+        via_source = TF.loss_terms("taid", student, source, labels, t=0.7, ignore_index=42).loss
+        dense = source.rows(slice(0, 36), 64).reshape(4, 9, 64)
+        torch.testing.assert_close(via_source, TF.taid_loss(student, dense, labels, t=0.7,
+                                                            ignore_index=42))
+        errors.append(abs(via_source.item() - exact.item()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+
+
+def test_topk_teacher_refuses_bad_inputs():
+    from taid.chunked import TopKTeacher
+
+    with pytest.raises(ValueError, match=r"\[N, k\]"):
+        TopKTeacher(torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="k = 11"):
+        TopKTeacher(torch.zeros(4, 11), torch.zeros(4, 11, dtype=torch.long), 10)
+    source = topk_of(torch.randn(2, 3, 10), 4)
+    with pytest.raises(ValueError, match="covers 6 positions but the student's logits"):
+        TF.forward_kl(torch.randn(2, 4, 10), source)
+    with pytest.raises(ValueError, match="cannot be sliced"):
+        TF.forward_kl(torch.randn(2, 3, 12), source, vocab_size=8)

@@ -21,6 +21,7 @@ can be backpropagated once (use the eager implementation for double backward).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -85,6 +86,8 @@ class TeacherSource(Protocol):
 
     width: int
     """Vocabulary width the source can provide."""
+    num_rows: int
+    """Number of flattened token positions it covers."""
 
     def rows(self, rows: Rows, width: int) -> Tensor:
         """Finite float32 teacher logits ``[n, width]`` of ``rows`` (see :func:`finite`), in a
@@ -101,6 +104,10 @@ class LogitsTeacher:
     @property
     def width(self) -> int:
         return self.logits.shape[-1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.logits.shape[0]
 
     def rows(self, rows: Rows, width: int) -> Tensor:
         return finite(take(self.logits[:, :width], rows), fresh=not isinstance(rows, slice))
@@ -119,9 +126,70 @@ class LinearTeacher:
     def width(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0]
+
     def rows(self, rows: Rows, width: int) -> Tensor:
         bias = None if self.bias is None else self.bias[:width]
         return finite(F.linear(take(self.hidden, rows), self.weight[:width], bias), fresh=True)
+
+
+@dataclass
+class TopKTeacher:
+    """A teacher known by its k largest log-probabilities per token (e.g. from a cache).
+
+    Row ``i`` of the full distribution is rebuilt as: the stored ``log_probs[i]`` at
+    ``ids[i]``, and the remaining mass ``1 - sum(exp(log_probs[i]))`` spread evenly over the
+    other ``vocab_size - k`` ids. The result is a normalised log-distribution with exact top-k
+    entries, used as the teacher's logits (a softmax of log-probabilities is themselves).
+
+    Args:
+        log_probs: ``[N, k]`` teacher log-probabilities (any float dtype), one row per flattened
+            position of the student's logits.
+        ids: ``[N, k]`` their token ids (any integer dtype).
+        vocab_size: ``V``, the width of the distribution.
+    """
+
+    log_probs: Tensor
+    ids: Tensor
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.log_probs.shape != self.ids.shape or self.log_probs.dim() != 2:
+            raise ValueError(f"log_probs {tuple(self.log_probs.shape)} and ids "
+                             f"{tuple(self.ids.shape)} must both be [N, k]")
+        if self.ids.is_floating_point():
+            raise TypeError(f"ids must be integers, got {self.ids.dtype}")
+        if not 0 < self.log_probs.shape[1] <= self.vocab_size:
+            raise ValueError(f"k = {self.log_probs.shape[1]} must be in [1, vocab_size = "
+                             f"{self.vocab_size}]")
+
+    @property
+    def width(self) -> int:
+        return self.vocab_size
+
+    @property
+    def num_rows(self) -> int:
+        return self.log_probs.shape[0]
+
+    def rows(self, rows: Rows, width: int) -> Tensor:
+        if width != self.vocab_size:
+            raise ValueError(f"a top-k teacher over {self.vocab_size} tokens cannot be sliced to "
+                             f"{width}; store it at the shared vocabulary size")
+        top = take(self.log_probs, rows).float()
+        ids = take(self.ids, rows).long()
+        k = top.shape[1]
+        # The remaining mass 1 - sum(exp(top)), in float64 ([n, 1] values: cheap) because it is
+        # a small difference of numbers near 1 when the top-k carry most of the mass.
+        rest = (-torch.expm1(torch.logsumexp(top.double(), -1, keepdim=True))).clamp_min(0.0)
+        if k == self.vocab_size:
+            fill = torch.full_like(top[:, :1], D.MASKED_LOGIT)
+        else:  # log(rest / (V - k)); no rest mass at all -> the masked stand-in, not -inf
+            log_fill = (rest.clamp_min(1e-300).log() - math.log(self.vocab_size - k)).float()
+            fill = torch.where(rest > 0, log_fill, torch.full_like(log_fill, D.MASKED_LOGIT))
+        out = fill.expand(-1, self.vocab_size).contiguous()
+        return finite(out.scatter_(1, ids, top), fresh=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +445,7 @@ __all__ = [
     "LogitsTeacher",
     "Objective",
     "TeacherSource",
+    "TopKTeacher",
     "chunked_logits_loss",
     "default_chunk_size",
     "finite",

@@ -181,7 +181,8 @@ def loss_terms(
         divergence: a key of :data:`taid.divergences.DIVERGENCES`, or ``None`` for
             cross-entropy alone.
         student_logits: ``[..., V_s]``.
-        teacher_logits: ``[..., V_T]`` (or ``None`` with ``teacher`` given, or for CE alone).
+        teacher_logits: ``[..., V_T]``, or a :class:`taid.chunked.TeacherSource` over the
+            flattened positions (e.g. :class:`taid.chunked.TopKTeacher`); ``None`` for CE alone.
         labels: ``[...]`` aligned with the logits; required when ``w < 1``.
         ignore_index: label value that excludes a position.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -199,6 +200,8 @@ def loss_terms(
         raise ValueError("student_logits must have a vocabulary dimension, got a scalar")
     leading = student_logits.shape[:-1]
     n_rows = math.prod(leading)
+    if hasattr(teacher_logits, "rows"):  # a TeacherSource given in the teacher's place
+        teacher, teacher_logits = teacher_logits, None
     if divergence is not None and teacher is None and teacher_logits is not None:
         _check_float("teacher_logits", teacher_logits)
         if teacher_logits.shape[:-1] != leading:
@@ -210,6 +213,9 @@ def loss_terms(
         teacher = C.LogitsTeacher(teacher_logits.detach().reshape(n_rows, -1))
     if divergence is None:
         teacher = None
+    if teacher is not None and teacher.num_rows != n_rows:
+        raise ValueError(f"the teacher covers {teacher.num_rows} positions but the student's "
+                         f"logits {tuple(student_logits.shape)} have {n_rows}")
     objective = _objective(divergence, distill_weight, params, teacher is not None,
                            labels is not None)
     width = resolve_vocab(student_logits.shape[-1], None if teacher is None else teacher.width,
@@ -321,6 +327,9 @@ def fused_linear_terms(
                 None if teacher_bias is None else teacher_bias.detach())
     if divergence is None:
         teacher_source = None
+    if teacher_source is not None and teacher_source.num_rows != n_rows:
+        raise ValueError(f"the teacher covers {teacher_source.num_rows} positions but the "
+                         f"student's hidden states {tuple(student_hidden.shape)} have {n_rows}")
     objective = _objective(divergence, distill_weight, params, teacher_source is not None,
                            labels is not None)
     width = resolve_vocab(student_weight.shape[0],
