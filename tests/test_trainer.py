@@ -243,3 +243,24 @@ def test_builtin_conversion_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     path = M.builtin_model_dir("smollm2-135m-instruct")
     assert (path / "model.safetensors").is_file()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_packed_training_runs_and_counts_the_same_targets(tmp_path):
+    config = smoke(tmp_path, "data.packing=true", "data.max_length=256", "train.max_steps=2",
+                   "train.save_every=0", "train.eval_every=0", "log.plot=false")
+    result = T.train(config)
+    s = result["setup"]
+    assert all(ex.lengths for ex in s.train_examples)  # rows hold several examples
+    assert max(len(ex.lengths) for ex in s.train_examples) > 1
+    records = [r for r in metrics(Path(config.output_dir)) if "loss" in r]
+    assert len(records) == 2 and all(r["tokens"] > 0 for r in records)
+    packed = D.collate(s.train_examples[:2], s.tokenizer.pad_token_id, packed=True)
+    assert "attention_mask" not in packed and "position_ids" in packed
+    # labels are shifted within each packed example, never across a boundary
+    expected = 0
+    for ex in s.train_examples[:2]:
+        start = 0
+        for length in ex.lengths:
+            expected += sum(ex.targets[start + 1:start + length])
+            start += length
+    assert int((packed["labels"] != -100).sum()) == expected

@@ -33,10 +33,12 @@ _LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tx
 
 @dataclass
 class Example:
-    """One tokenized example: ``input_ids`` and the loss mask over them (1 = a target token)."""
+    """One tokenized example: ``input_ids`` and the loss mask over them (1 = a target token).
+    A packed row also lists the ``lengths`` of the examples it holds, in order."""
 
     input_ids: list[int]
     targets: list[int]
+    lengths: list[int] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,26 +191,19 @@ def tokenize_dataset(rows: Any, tok: PreTrainedTokenizerBase, cfg: DataConfig,
 # Batches
 # --------------------------------------------------------------------------------------------
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate examples into rows of at most ``max_length`` tokens (never splitting one);
-    document boundaries are kept in ``Example.targets`` via :func:`packed_positions`."""
-    rows: list[list[Example]] = [[]]
+    """Concatenate examples, in order, into rows of at most ``max_length`` tokens (an example is
+    never split); each row records the ``lengths`` of its examples."""
+    groups: list[list[Example]] = [[]]
     used = 0
     for ex in examples:
-        if used + len(ex.input_ids) > max_length and rows[-1]:
-            rows.append([])
+        if used + len(ex.input_ids) > max_length and groups[-1]:
+            groups.append([])
             used = 0
-        rows[-1].append(ex)
+        groups[-1].append(ex)
         used += len(ex.input_ids)
-    return [_PackedRow(r) for r in rows if r]  # type: ignore[misc]
-
-
-class _PackedRow(Example):
-    """Several examples in one row."""
-
-    def __init__(self, parts: list[Example]) -> None:
-        super().__init__([t for p in parts for t in p.input_ids],
-                         [t for p in parts for t in p.targets])
-        self.lengths = [len(p.input_ids) for p in parts]
+    return [Example([t for ex in group for t in ex.input_ids],
+                    [t for ex in group for t in ex.targets],
+                    [len(ex.input_ids) for ex in group]) for group in groups if group]
 
 
 def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None = None
@@ -229,7 +224,7 @@ def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None 
         n = len(ex.input_ids)
         ids[b, :n] = torch.tensor(ex.input_ids)
         mask[b, :n] = 1
-        lengths = getattr(ex, "lengths", [n])
+        lengths = ex.lengths or [n]
         start = 0
         for part in lengths:
             sl = slice(start, start + part)
