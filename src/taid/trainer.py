@@ -392,7 +392,7 @@ def train(config: Config) -> dict[str, Any]:
     before = evaluate(s) if state.step == 0 else {}
     if before:
         _log(acc, metrics_path, {"step": 0, **before})
-    samples = []
+    samples, prompts = [], []
     if config.log.samples and state.step == 0 and acc.is_main_process:
         prompts = sample_prompts(s.eval_examples or s.train_examples, config.log.samples)
         for prompt in prompts:
@@ -481,10 +481,9 @@ def train(config: Config) -> dict[str, Any]:
 
     after = evaluate(s)
     _log(acc, metrics_path, {"step": state.step, **after})
-    for row in samples:
-        row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer,
-                                      s.tokenizer(row["prompt"], add_special_tokens=False)
-                                      ["input_ids"], config.log.sample_tokens)
+    for row, prompt in zip(samples, prompts):
+        row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
+                                      config.log.sample_tokens)
     save_checkpoint(acc, out_dir, state.step, cfg.keep_checkpoints)
     final_dir = out_dir / "final"
     acc.wait_for_everyone()
