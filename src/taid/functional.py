@@ -157,6 +157,48 @@ def _reduce_detached(per_token: Tensor | None, idx: Tensor, n_rows: int, shape: 
             shape if reduction == "none" else ())
 
 
+class _Plan(NamedTuple):
+    teacher: C.TeacherSource | None
+    objective: C.Objective
+    width: int
+    idx: Tensor
+    labels: Tensor | None
+
+
+def _plan(divergence: str | None, teacher: C.TeacherSource | None, what: str,
+          student_shape: torch.Size, student_width: int, labels: Tensor | None,
+          ignore_index: int, vocab_size: int | None, distill_weight: float,
+          params: dict[str, float], device: torch.device) -> _Plan:
+    """What both entry points decide once the teacher is a source: the objective, the shared
+    width, the valid rows and their labels."""
+    leading = student_shape[:-1]
+    n_rows = math.prod(leading)
+    if divergence is None:
+        teacher = None
+    if teacher is not None and teacher.num_rows != n_rows:
+        raise ValueError(f"the teacher covers {teacher.num_rows} positions but the student's "
+                         f"{what} {tuple(student_shape)} have {n_rows}")
+    objective = _objective(divergence, distill_weight, params, teacher is not None,
+                           labels is not None)
+    width = resolve_vocab(student_width, None if teacher is None else teacher.width, vocab_size)
+    idx = valid_mask(labels, leading, ignore_index, device).nonzero().squeeze(1)
+    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
+    if objective.distill_weight < 1.0:
+        _check_labels_in_vocab(flat_labels, width, ignore_index)
+    return _Plan(teacher, objective, width, idx, flat_labels)
+
+
+def _output(loss: Tensor, stats: C.ChunkStats, idx: Tensor, leading: torch.Size,
+            reduction: str) -> LossOutput:
+    n_rows = math.prod(leading)
+    return LossOutput(
+        loss.reshape(leading) if reduction == "none" else loss,
+        _reduce_detached(stats.distill, idx, n_rows, leading, reduction),
+        _reduce_detached(stats.ce, idx, n_rows, leading, reduction),
+        idx.new_tensor(idx.numel()),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The entry points every loss goes through
 # --------------------------------------------------------------------------------------------
@@ -211,20 +253,9 @@ def loss_terms(
                 f"(vocabulary) dimension"
             )
         teacher = C.LogitsTeacher(teacher_logits.detach().reshape(n_rows, -1))
-    if divergence is None:
-        teacher = None
-    if teacher is not None and teacher.num_rows != n_rows:
-        raise ValueError(f"the teacher covers {teacher.num_rows} positions but the student's "
-                         f"logits {tuple(student_logits.shape)} have {n_rows}")
-    objective = _objective(divergence, distill_weight, params, teacher is not None,
-                           labels is not None)
-    width = resolve_vocab(student_logits.shape[-1], None if teacher is None else teacher.width,
-                          vocab_size)
-    mask = valid_mask(labels, leading, ignore_index, student_logits.device)
-    idx = mask.nonzero().squeeze(1)
-    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
-    if objective.distill_weight < 1.0:
-        _check_labels_in_vocab(flat_labels, width, ignore_index)
+    teacher, objective, width, idx, flat_labels = _plan(
+        divergence, teacher, "logits", student_logits.shape, student_logits.shape[-1], labels,
+        ignore_index, vocab_size, distill_weight, params, student_logits.device)
     student = student_logits.reshape(n_rows, student_logits.shape[-1])
 
     if implementation == "eager":
@@ -239,14 +270,7 @@ def loss_terms(
         loss, stats = C.chunked_logits_loss(student, idx, teacher, flat_labels, objective,
                                             width=width, chunk_size=chunk_size,
                                             reduction=reduction)
-    if reduction == "none":
-        loss = loss.reshape(leading)
-    return LossOutput(
-        loss,
-        _reduce_detached(stats.distill, idx, n_rows, leading, reduction),
-        _reduce_detached(stats.ce, idx, n_rows, leading, reduction),
-        idx.new_tensor(idx.numel()),
-    )
+    return _output(loss, stats, idx, leading, reduction)
 
 
 def fused_linear_terms(
@@ -325,29 +349,14 @@ def fused_linear_terms(
             teacher_source = C.LinearTeacher(
                 flat, teacher_weight.detach(),
                 None if teacher_bias is None else teacher_bias.detach())
-    if divergence is None:
-        teacher_source = None
-    if teacher_source is not None and teacher_source.num_rows != n_rows:
-        raise ValueError(f"the teacher covers {teacher_source.num_rows} positions but the "
-                         f"student's hidden states {tuple(student_hidden.shape)} have {n_rows}")
-    objective = _objective(divergence, distill_weight, params, teacher_source is not None,
-                           labels is not None)
-    width = resolve_vocab(student_weight.shape[0],
-                          None if teacher_source is None else teacher_source.width, vocab_size)
-    mask = valid_mask(labels, leading, ignore_index, student_hidden.device)
-    idx = mask.nonzero().squeeze(1)
-    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
-    if objective.distill_weight < 1.0:
-        _check_labels_in_vocab(flat_labels, width, ignore_index)
+    teacher_source, objective, width, idx, flat_labels = _plan(
+        divergence, teacher_source, "hidden states", student_hidden.shape,
+        student_weight.shape[0], labels, ignore_index, vocab_size, distill_weight, params,
+        student_hidden.device)
     loss, stats = C.fused_linear_loss(
         student_hidden.reshape(n_rows, -1), student_weight, student_bias, idx, teacher_source,
         flat_labels, objective, width=width, chunk_size=chunk_size, reduction=reduction)
-    return LossOutput(
-        loss,
-        _reduce_detached(stats.distill, idx, n_rows, leading, reduction),
-        _reduce_detached(stats.ce, idx, n_rows, leading, reduction),
-        idx.new_tensor(idx.numel()),
-    )
+    return _output(loss, stats, idx, leading, reduction)
 
 
 # --------------------------------------------------------------------------------------------
