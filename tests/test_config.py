@@ -79,6 +79,9 @@ def test_loss_parameters_sit_beside_the_name(tmp_path):
     (BASE, ["resume=true"], r"resume must be 'auto', a checkpoint path, or false"),
     (BASE, ["student.init=pretrained"], r"student.name_or_path is required"),
     (BASE, ["data.path="], r"data.path is required"),
+    # regression: a teacher with both used to be built at random, ignoring the weights
+    (BASE, ["teacher.architecture={model_type: llama}"],
+     r"teacher.name_or_path and teacher.architecture are both set"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):

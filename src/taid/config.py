@@ -44,6 +44,10 @@ class ModelConfig:
     tokenizer: str | None = None
     """Where the tokenizer comes from, if not ``name_or_path``."""
 
+    def from_architecture(self) -> bool:
+        """Whether the model is built (random init) from ``architecture`` rather than loaded."""
+        return self.name_or_path is None and self.architecture is not None
+
 
 @dataclass
 class StudentConfig(ModelConfig):
@@ -56,6 +60,9 @@ class StudentConfig(ModelConfig):
     layers: list[int] | int | None = None
     """With ``init: teacher_layers``: teacher layer indices to keep, or how many (spread evenly,
     first and last included)."""
+
+    def from_architecture(self) -> bool:
+        return self.init == "architecture"
 
 
 @dataclass
@@ -407,6 +414,9 @@ def validate(config: Config) -> None:
         raise ConfigError("student.architecture is required with student.init: architecture")
     if s.init == "teacher_layers" and s.layers is None:
         raise ConfigError("student.layers is required with student.init: teacher_layers")
+    if config.teacher.name_or_path and config.teacher.architecture:
+        raise ConfigError("teacher.name_or_path and teacher.architecture are both set: set "
+                          "name_or_path to load a teacher, or architecture to build a random one")
     if not config.teacher.name_or_path and not config.teacher.architecture \
             and loss.name != "sft":
         raise ConfigError("teacher.name_or_path (or teacher.architecture) is required for "

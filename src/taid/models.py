@@ -164,8 +164,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """A causal LM from ``cfg``: loaded from ``name_or_path`` or built from ``architecture``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.architecture is not None and (getattr(cfg, "init", "architecture") == "architecture"
-                                         or not cfg.name_or_path):
+    if cfg.from_architecture():
         arch = dict(cfg.architecture)
         model_type = arch.pop("model_type", None)
         if model_type is None:
