@@ -126,7 +126,11 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input: a clear error before work is lost
 # --------------------------------------------------------------------------------------------
-def test_missing_data_file(tmp_path):
+def test_missing_data_file_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(T.M, "load_model", no_model)
     with pytest.raises(ConfigError, match=r"data.path: file '.*nope.jsonl' does not exist"):
         T.train(smoke(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}"))
 

@@ -279,6 +279,17 @@ def build(config: Config) -> Setup:
         raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student "
                           "name_or_path)")
     tokenizer = M.load_tokenizer(tok_source, config.teacher.trust_remote_code)
+
+    # Data first: its errors (missing file, empty, too long) come before any model is loaded
+    rows = D.load_rows(config.data, config.data.split)
+    examples = D.tokenize_dataset(rows, tokenizer, config.data, config.data.max_examples)
+    if config.data.eval_split:
+        eval_examples = D.tokenize_dataset(D.load_rows(config.data, config.data.eval_split),
+                                           tokenizer, config.data)
+        train_examples = examples
+    else:
+        train_examples, eval_examples = D.split_eval(examples, config.data.eval_size, config.seed)
+
     if needs_teacher:
         teacher = M.freeze(M.load_model(config.teacher))
     s_cfg = config.student
@@ -310,7 +321,7 @@ def build(config: Config) -> Setup:
                           "FSDP or DeepSpeed use chunked")
     fused = impl == "fused" or (impl == "auto" and fused_ok)
     teacher_fused = False
-    if teacher is not None and fused and not sharded:
+    if teacher is not None and fused:  # (fused implies unsharded)
         try:
             M.plain_linear_head(teacher)
             teacher_fused = True
@@ -323,15 +334,6 @@ def build(config: Config) -> Setup:
     loss_fn = build_loss(config.loss.name, reduction="sum",
                          implementation="eager" if impl == "eager" else "chunked", **loss_kwargs)
 
-    # Data
-    rows = D.load_rows(config.data, config.data.split)
-    examples = D.tokenize_dataset(rows, tokenizer, config.data, config.data.max_examples)
-    if config.data.eval_split:
-        eval_examples = D.tokenize_dataset(D.load_rows(config.data, config.data.eval_split),
-                                           tokenizer, config.data)
-        train_examples = examples
-    else:
-        train_examples, eval_examples = D.split_eval(examples, config.data.eval_size, config.seed)
     rows_in = min(m.get_input_embeddings().weight.shape[0] for m in (teacher, student)
                   if m is not None)
     top = max(max(ex.input_ids) for ex in train_examples + eval_examples)
