@@ -70,19 +70,13 @@ def _log_mix(log_a: Tensor, weight_a: float, log_b: Tensor) -> Tensor:
 def taid(s: Tensor, z: Tensor, *, t: float, need_grad: bool = False) -> KernelOut:
     """TAID: ``KL(p_t || q)`` with ``p_t = softmax((1 - t) * stopgrad(s) + t * z)``.
 
-    Gradient: ``q - p_t``. Interpolation is in logit space (a probability mixture would be
-    skew KL, a different method).
+    That is forward KL towards the interpolated logits, so the gradient is ``q - p_t``.
+    Interpolation is in logit space (a probability mixture would be skew KL, a different
+    method).
     """
-    if need_grad:  # z <- (1 - t) s + t z, then both overwritten by their log-softmax
-        log_pt = _log_softmax_(z.lerp_(s, 1.0 - t))
-        log_q = _log_softmax_(s)
-        pt = log_pt.exp()
-        loss = _dot(pt, log_pt.sub_(log_q))
-        return loss, log_q.exp_().sub_(pt)
-    log_q = torch.log_softmax(s, dim=-1)
-    log_pt = torch.log_softmax(torch.lerp(s.detach(), z, t), dim=-1)
-    pt = log_pt.exp()
-    return _dot(pt, log_pt - log_q), None
+    if need_grad:  # z is scratch: z <- (1 - t) s + t z in place
+        return forward_kl(s, z.lerp_(s, 1.0 - t), need_grad=True)
+    return forward_kl(s, torch.lerp(s.detach(), z, t))
 
 
 def forward_kl(s: Tensor, z: Tensor, *, need_grad: bool = False) -> KernelOut:
