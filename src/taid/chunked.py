@@ -192,6 +192,43 @@ class TopKTeacher:
         return finite(out.scatter_(1, ids, top), fresh=True)
 
 
+@dataclass
+class ValidRowsTeacher:
+    """A source that holds rows for the valid positions only (``labels != ignore_index``), in
+    order, as a teacher cache does; it answers for the flattened positions like any source.
+
+    Args:
+        source: a :class:`TeacherSource` with one row per valid position.
+        valid: ``[N]`` bool, which flattened positions are valid.
+    """
+
+    source: TeacherSource
+    valid: Tensor
+
+    def __post_init__(self) -> None:
+        count = int(self.valid.sum())
+        if self.source.num_rows != count:
+            raise ValueError(f"the teacher has {self.source.num_rows} rows but the labels have "
+                             f"{count} valid positions; they must correspond one to one")
+        # position -> its row in ``source`` (meaningful at valid positions only)
+        self._row_of = torch.cumsum(self.valid, 0) - 1
+
+    @property
+    def width(self) -> int:
+        return self.source.width
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.shape[0]
+
+    def rows(self, rows: Rows, width: int) -> Tensor:
+        if isinstance(rows, slice) and self.source.num_rows == self.num_rows:
+            return self.source.rows(rows, width)  # every position valid: the same rows
+        positions = torch.arange(rows.start, rows.stop, device=self.valid.device) \
+            if isinstance(rows, slice) else rows
+        return self.source.rows(self._row_of.index_select(0, positions), width)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -446,6 +483,7 @@ __all__ = [
     "Objective",
     "TeacherSource",
     "TopKTeacher",
+    "ValidRowsTeacher",
     "chunked_logits_loss",
     "default_chunk_size",
     "finite",

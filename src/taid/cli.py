@@ -1,4 +1,5 @@
-"""Console entry points (``taid-train``); ``scripts/*.py`` are thin wrappers around these."""
+"""Console entry points (``taid-train``, ``taid-cache-teacher``); ``scripts/*.py`` are thin
+wrappers around these."""
 
 from __future__ import annotations
 
@@ -32,6 +33,38 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     if result["is_main_process"]:
         print_report(result)
+    return 0
+
+
+def cache_main(argv: list[str] | None = None) -> int:
+    """``taid-cache-teacher --config PATH [dotted.key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="taid-cache-teacher", description="Run a config's teacher once over its data and "
+        "write its outputs (cache.mode: topk, hidden or full) to teacher.cache_dir, for runs "
+        "with teacher.source=cache. Resumable; run under accelerate launch for several "
+        "processes.")
+    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. cache.mode=hidden teacher.cache_dir=PATH")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        from taid.teacher import TeacherCache, write_cache
+
+        root = write_cache(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        cache = TeacherCache(root, verify=False)
+        m = cache.manifest
+        rows = sum(s["num_rows"] for s in m["shards"])
+        print(f"teacher cache {root}: mode {m['mode']}"
+              + (f" k={m['k']}" if m["k"] else "") + f", {m['dtype']}, {m['num_examples']} "
+              f"examples, {rows} target tokens, {len(m['shards'])} shards, "
+              f"{cache.bytes_per_token():.0f} bytes per token")
     return 0
 
 

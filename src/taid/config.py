@@ -50,6 +50,19 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model run beside the student, or its outputs read from a cache."""
+
+    source: Literal["model", "cache"] = "model"
+    """``model``: run the teacher every step; ``cache``: stream its outputs from
+    ``cache_dir`` (written once by ``taid-cache-teacher``; the teacher is then loaded only when
+    the student is cut from it)."""
+    cache_dir: str | None = None
+    """The teacher cache: where ``taid-cache-teacher`` writes it and ``source: cache`` reads
+    it."""
+
+
+@dataclass
 class StudentConfig(ModelConfig):
     """The student: loaded, built from ``architecture``, or cut from the teacher."""
 
@@ -160,6 +173,29 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """How ``taid-cache-teacher`` stores the teacher's outputs (only target positions).
+
+    ``topk``: the k largest log-probabilities and their ids (the rest of the mass is spread
+    evenly over the other ids when read); ``hidden``: the last hidden states, with the output
+    layer stored once (exact logits rebuilt chunk by chunk); ``full``: all logits."""
+
+    mode: Literal["topk", "hidden", "full"] = "topk"
+    """What is stored per target token."""
+    k: int = 64
+    """Log-probabilities kept per token (``topk`` only)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Storage dtype; ``auto``: float16 for topk log-probabilities, bfloat16 for hidden states,
+    float32 for full logits."""
+    examples_per_shard: int = 512
+    """Examples per shard file (the unit of resuming and of work per process)."""
+    batch_size: int | None = None
+    """Examples per teacher forward; ``null``: ``train.batch_size``."""
+    overwrite: bool = False
+    """Replace a cache written with other settings instead of refusing."""
+
+
+@dataclass
 class LogConfig:
     """Where metrics go besides ``output_dir/metrics.jsonl``."""
 
@@ -191,7 +227,7 @@ class Config:
     ``false``: start fresh (refused if output_dir already has checkpoints, unless ``overwrite``)."""
     overwrite: bool = False
     """Allow starting over in an output_dir that holds another run."""
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """The teacher (frozen, eval mode, no gradient)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     """The student."""
@@ -201,6 +237,8 @@ class Config:
     """Objective."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The teacher cache's storage settings (``teacher.cache_dir`` says where)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging."""
 
@@ -418,9 +456,15 @@ def validate(config: Config) -> None:
         raise ConfigError("teacher.name_or_path and teacher.architecture are both set: set "
                           "name_or_path to load a teacher, or architecture to build a random one")
     if not config.teacher.name_or_path and not config.teacher.architecture \
-            and loss.name != "sft":
+            and loss.name != "sft" and config.teacher.source == "model":
         raise ConfigError("teacher.name_or_path (or teacher.architecture) is required for "
                           f"loss {loss.name!r}")
+    if config.teacher.source == "cache" and not config.teacher.cache_dir:
+        raise ConfigError("teacher.source: cache needs teacher.cache_dir (the directory "
+                          "taid-cache-teacher wrote)")
+    _positive("cache.k", config.cache.k)
+    _positive("cache.examples_per_shard", config.cache.examples_per_shard)
+    _positive("cache.batch_size", config.cache.batch_size)
     if not config.data.path:
         raise ConfigError("data.path is required: a local .jsonl/.json/.parquet/.txt file or a "
                           "hub dataset name")

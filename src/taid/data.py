@@ -34,11 +34,14 @@ _LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tx
 @dataclass
 class Example:
     """One tokenized example: ``input_ids`` and the loss mask over them (1 = a target token).
-    A packed row also lists the ``lengths`` of the examples it holds, in order."""
+    A packed row also lists the ``lengths`` of the examples it holds, in order. ``ids`` are the
+    examples' numbers in the run's dataset (see :func:`load_examples`), by which a teacher cache
+    finds their rows."""
 
     input_ids: list[int]
     targets: list[int]
     lengths: list[int] | None = None
+    ids: list[int] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +190,18 @@ def tokenize_dataset(rows: Any, tok: PreTrainedTokenizerBase, cfg: DataConfig,
     return examples
 
 
+def load_examples(cfg: DataConfig, tok: PreTrainedTokenizerBase
+                  ) -> tuple[list[Example], list[Example]]:
+    """The run's tokenized examples of ``data.split`` and of ``data.eval_split`` (else empty),
+    numbered in that order (``Example.ids``): the numbering a teacher cache is indexed by."""
+    train = tokenize_dataset(load_rows(cfg, cfg.split), tok, cfg, cfg.max_examples)
+    held = (tokenize_dataset(load_rows(cfg, cfg.eval_split), tok, cfg) if cfg.eval_split
+            else [])
+    for i, ex in enumerate(train + held):
+        ex.ids = [i]
+    return train, held
+
+
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
@@ -203,7 +218,9 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
         used += len(ex.input_ids)
     return [Example([t for ex in group for t in ex.input_ids],
                     [t for ex in group for t in ex.targets],
-                    [len(ex.input_ids) for ex in group]) for group in groups if group]
+                    [len(ex.input_ids) for ex in group],
+                    None if any(ex.ids is None for ex in group)
+                    else [i for ex in group for i in ex.ids]) for group in groups if group]
 
 
 def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None = None
@@ -213,7 +230,9 @@ def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None 
     Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` that restart at
     every example (the padding tail counts as one more example) and no attention mask, from
     which transformers builds a block-diagonal causal mask, provided the model runs with
-    ``use_cache=False`` (as the trainer does).
+    ``use_cache=False`` (as the trainer does). When every example is numbered, ``example_ids``
+    lists their numbers in row-major order: the order of their target tokens in the flattened
+    labels.
     """
     width = length or max(len(ex.input_ids) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -232,9 +251,11 @@ def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None 
             positions[b, sl] = torch.arange(part)
             start += part
         positions[b, n:] = torch.arange(width - n)
-    if packed:
-        return {"input_ids": ids, "position_ids": positions, "labels": labels}
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = ({"input_ids": ids, "position_ids": positions, "labels": labels} if packed
+           else {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    if all(ex.ids is not None for ex in batch):
+        out["example_ids"] = torch.tensor([i for ex in batch for i in ex.ids], dtype=torch.long)
+    return out
 
 
 class BatchStream:
@@ -298,7 +319,8 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int, packed: 
         start = k * per_step + rank * batch_size
         chosen = examples[start:start + batch_size]
         if not chosen:
-            chosen = [Example(examples[0].input_ids, [0] * len(examples[0].input_ids))]
+            chosen = [Example(examples[0].input_ids, [0] * len(examples[0].input_ids),
+                              ids=None if examples[0].ids is None else [])]
         yield collate(chosen, pad_id, packed)
 
 

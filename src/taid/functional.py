@@ -304,8 +304,8 @@ def fused_linear_terms(
     Args:
         student_hidden: ``[..., H]``.
         student_weight: ``[V_s, H]`` (same dtype as ``student_hidden``).
-        teacher: teacher logits ``[..., V_T]``, or teacher hidden states ``[..., H_T]`` when
-            ``teacher_weight`` is given.
+        teacher: teacher logits ``[..., V_T]``, teacher hidden states ``[..., H_T]`` when
+            ``teacher_weight`` is given, or a :class:`taid.chunked.TeacherSource`.
         labels: ``[...]``.
         teacher_weight: ``[V_T, H_T]`` teacher output layer; its logits are formed chunk by chunk.
         teacher_bias: ``[V_T]`` bias of the teacher output layer.
@@ -333,6 +333,8 @@ def fused_linear_terms(
                          f"[{student_weight.shape[0]}]")
     leading = student_hidden.shape[:-1]
     n_rows = math.prod(leading)
+    if hasattr(teacher, "rows"):  # a TeacherSource given in the teacher's place
+        teacher_source, teacher = teacher, None
     if divergence is not None and teacher_source is None and teacher is not None:
         if teacher.shape[:-1] != leading:
             raise ValueError(

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from taid.config import ConfigError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from taid.config import ModelConfig
+    from taid.config import Config, ModelConfig
 
 # Config attributes of transformers models that change the logits after the output layer (value
 # that means "no change"). The fused path computes hidden @ W.T + b only, so any of these set to
@@ -146,6 +148,23 @@ def resolve(name_or_path: str) -> str:
 
 def _dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
+
+
+def run_tokenizer(config: Config) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: ``teacher.tokenizer``, else the teacher's, else the student's."""
+    source = (config.teacher.tokenizer or config.teacher.name_or_path
+              or config.student.tokenizer or config.student.name_or_path)
+    if source is None:
+        raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student "
+                          "name_or_path)")
+    return load_tokenizer(source, config.teacher.trust_remote_code)
+
+
+def distributed_cpu() -> bool:
+    """Whether this is a multi-process launch without CUDA: accelerate then forms a gloo group
+    only when asked for the CPU explicitly (``Accelerator(cpu=True)``); otherwise every rank
+    would silently run alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -22,9 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from taid import chunked as C
 from taid import data as D
 from taid import models as M
+from taid import teacher as T
 from taid.config import Config, ConfigError, dump, to_dict
+from taid.functional import resolve_vocab
 from taid.losses import DistillationLoss, build_loss
 
 CHECKPOINT_PREFIX = "step-"
@@ -32,7 +35,8 @@ COMPLETE_MARKER = "COMPLETE"
 _IGNORED_CONFIG_KEYS = {("resume",), ("overwrite",), ("log",), ("train", "eval_every"),
                         ("train", "eval_batches"), ("train", "save_every"),
                         ("train", "keep_checkpoints"), ("train", "log_every"),
-                        ("train", "num_workers")}
+                        ("train", "num_workers"), ("cache", "overwrite"),
+                        ("cache", "batch_size")}
 
 
 @dataclass
@@ -172,31 +176,50 @@ class Setup:
     vocab_size: int | None
     optimizer: Any = None
     scheduler: Any = None
+    cache: T.TeacherCache | None = None
 
 
-def batch_loss(s: Setup, batch: dict[str, Tensor], loss_fn: DistillationLoss) -> Any:
-    """The summed loss of one micro-batch (``reduction="sum"``) with its parts."""
-    student, teacher, acc = s.student, s.teacher, s.accelerator
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    teacher_out = None
-    teacher_weight = None
-    if loss_fn.divergence is not None:
-        with torch.no_grad():
-            if s.teacher_fused:
-                teacher_out = M.final_hidden(teacher, acc.unwrap_model(teacher), **inputs)
-                teacher_weight, _ = M.plain_linear_head(acc.unwrap_model(teacher))
-            else:
-                teacher_out = teacher(**inputs, use_cache=False).logits
-        if not torch.isfinite(teacher_out).all():
-            raise FloatingPointError("the teacher's outputs contain NaN or inf")
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What the models take from a collated batch (not the labels or the example numbers)."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+
+
+def teacher_source(s: Setup, batch: dict[str, Tensor]) -> C.TeacherSource:
+    """The teacher for one batch, as a source of logit rows: read from the cache, or the
+    model's last hidden states with its output layer (logits rebuilt chunk by chunk), or its
+    logits."""
+    if s.cache is not None:
+        return s.cache.source(batch["example_ids"], batch["labels"])
+    teacher, acc = s.teacher, s.accelerator
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        if s.teacher_fused:
+            out = M.final_hidden(teacher, acc.unwrap_model(teacher), **inputs)
+        else:
+            out = teacher(**inputs, use_cache=False).logits
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("the teacher's outputs contain NaN or inf (check "
+                                 "teacher.dtype and train.mixed_precision)")
+    flat = out.reshape(-1, out.shape[-1])
+    if s.teacher_fused:
+        weight, bias = M.plain_linear_head(acc.unwrap_model(teacher))
+        return C.LinearTeacher(flat, weight, bias)
+    return C.LogitsTeacher(flat)
+
+
+def batch_loss(s: Setup, batch: dict[str, Tensor], loss_fn: DistillationLoss,
+               teacher: C.TeacherSource | None = None) -> Any:
+    """The summed loss of one micro-batch (``reduction="sum"``) with its parts; ``teacher``
+    is computed here when not given."""
+    if loss_fn.divergence is not None and teacher is None:
+        teacher = teacher_source(s, batch)
+    labels, inputs, acc = batch["labels"], model_inputs(batch), s.accelerator
     if s.fused:
-        hidden = M.final_hidden(student, acc.unwrap_model(student), **inputs)
-        weight, bias = M.plain_linear_head(acc.unwrap_model(student))
-        return loss_fn.compute_fused(hidden, weight, teacher_out, labels, student_bias=bias,
-                                     teacher_weight=teacher_weight)
-    logits = student(**inputs, use_cache=False).logits  # (teacher_fused implies s.fused)
-    return loss_fn.compute(logits, teacher_out, labels)
+        hidden = M.final_hidden(s.student, acc.unwrap_model(s.student), **inputs)
+        weight, bias = M.plain_linear_head(acc.unwrap_model(s.student))
+        return loss_fn.compute_fused(hidden, weight, teacher, labels, student_bias=bias)
+    logits = s.student(**inputs, use_cache=False).logits
+    return loss_fn.compute(logits, teacher, labels)
 
 
 @torch.no_grad()
@@ -217,25 +240,27 @@ def evaluate(s: Setup) -> dict[str, float]:
                              s.tokenizer.pad_token_id, s.config.data.packing,
                              rank=acc.process_index, world_size=acc.num_processes,
                              limit=s.config.train.eval_batches)
+    has_teacher = s.teacher is not None or s.cache is not None
     for batch in batches:
         batch = {k: v.to(acc.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = s.student(**batch, use_cache=False).logits
+        labels = batch["labels"]
+        logits = s.student(**model_inputs(batch), use_cache=False).logits
         ce = ce_fn.compute(logits, None, labels)
         totals[0] += ce.num_tokens
         totals[1] += ce.loss.double()
-        if s.teacher is not None:
-            t_logits = s.teacher(**batch, use_cache=False).logits
-            totals[2] += s.loss_fn.compute(logits, t_logits, labels).distill.double()
-            totals[3] += kl_fn.compute(logits, t_logits, labels).loss.double()
-            totals[4] += ce_fn.compute(t_logits, None, labels).loss.double()
+        if has_teacher:
+            source = teacher_source(s, batch)
+            width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
+            totals[2] += s.loss_fn.compute(logits, source, labels).distill.double()
+            totals[3] += kl_fn.compute(logits, source, labels).loss.double()
+            totals[4] += T.teacher_cross_entropy(source, labels, width)
     totals = acc.reduce(totals, reduction="sum")
     s.student.train()
     n = max(totals[0].item(), 1.0)
     metrics = {"eval/student_ce": totals[1].item() / n,
                "eval/student_ppl": math.exp(min(totals[1].item() / n, 50.0)),
                "eval/tokens": totals[0].item()}
-    if s.teacher is not None:
+    if has_teacher:
         metrics.update({"eval/distill": totals[2].item() / n, "eval/kl_teacher_student":
                         totals[3].item() / n, "eval/teacher_ce": totals[4].item() / n,
                         "eval/teacher_ppl": math.exp(min(totals[4].item() / n, 50.0))})
@@ -255,11 +280,8 @@ def build(config: Config) -> Setup:
     trackers = config.log.trackers
     if trackers is None:
         trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    # A distributed launch without CUDA: accelerate forms a gloo (MULTI_CPU) group only when the
-    # CPU is asked for explicitly; otherwise every rank would silently train alone.
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=distributed_cpu,
+        cpu=M.distributed_cpu(),
         # The LR schedule counts optimizer steps; accelerate would otherwise step it once per
         # process each step (it assumes a per-process sharded dataloader).
         step_scheduler_with_optimizer=False,
@@ -270,28 +292,32 @@ def build(config: Config) -> Setup:
     )
     set_seed(config.seed)
 
-    # Tokenizer and models
-    needs_teacher = config.loss.name != "sft" or config.student.init == "teacher_layers"
-    teacher = None
-    tok_source = (config.teacher.tokenizer or config.teacher.name_or_path
-                  or config.student.tokenizer or config.student.name_or_path)
-    if tok_source is None:
-        raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student "
-                          "name_or_path)")
-    tokenizer = M.load_tokenizer(tok_source, config.teacher.trust_remote_code)
-
+    tokenizer = M.run_tokenizer(config)
     # Data first: its errors (missing file, empty, too long) come before any model is loaded
-    rows = D.load_rows(config.data, config.data.split)
-    examples = D.tokenize_dataset(rows, tokenizer, config.data, config.data.max_examples)
-    if config.data.eval_split:
-        eval_examples = D.tokenize_dataset(D.load_rows(config.data, config.data.eval_split),
-                                           tokenizer, config.data)
-        train_examples = examples
-    else:
-        train_examples, eval_examples = D.split_eval(examples, config.data.eval_size, config.seed)
+    train_examples, eval_examples = D.load_examples(config.data, tokenizer)
+    all_examples = train_examples + eval_examples
+    if not eval_examples:
+        train_examples, eval_examples = D.split_eval(train_examples, config.data.eval_size,
+                                                     config.seed)
 
-    if needs_teacher:
-        teacher = M.freeze(M.load_model(config.teacher))
+    # A teacher cache is checked against this run's tokenizer and data before any model loads
+    from_cache = config.teacher.source == "cache" and config.loss.name != "sft"
+    cache = None
+    if from_cache:
+        cache = T.TeacherCache(config.teacher.cache_dir)
+        run = T.identity(config, tokenizer, all_examples, cache.vocab_size)
+        run["vocab_size"] = None  # checked against the student below
+        cache.check(run)
+
+    # Models. From a cache the teacher is loaded only to cut the student from it.
+    teacher = None
+    if (config.loss.name != "sft" and not from_cache) or config.student.init == "teacher_layers":
+        # Its random draws (a teacher built from an architecture) must not shift the student's,
+        # so that a run from a cache initialises the student as the run beside the teacher.
+        with torch.random.fork_rng(devices=[]):
+            teacher = M.freeze(M.load_model(config.teacher))
+        if cache is not None:
+            cache.check({}, teacher_weights_sha256=T.weights_hash(teacher))
     s_cfg = config.student
     vocab = len(tokenizer)
     if s_cfg.init == "teacher_layers":
@@ -301,10 +327,17 @@ def build(config: Config) -> Setup:
         if s_cfg.init == "pretrained":
             vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(
                 s_cfg.tokenizer or s_cfg.name_or_path, s_cfg.trust_remote_code))
-    if config.loss.name == "sft":
+    if config.loss.name == "sft" or from_cache:
         teacher = None  # only needed to cut the student from
     vocab_size = M.shared_vocab_size(teacher, student, vocab)
-
+    if cache is not None:
+        if vocab != cache.vocab_size and (cache.mode == "topk" or vocab > cache.vocab_size):
+            raise T.CacheError(
+                f"teacher cache {cache.root}: vocab_size differs (cache: {cache.vocab_size}, "
+                f"this run distils over {vocab} ids); a {cache.mode} cache serves a run over "
+                f"{'exactly its' if cache.mode == 'topk' else 'at most its'} vocabulary: "
+                f"rewrite it with this run's tokenizer")
+        vocab_size = vocab
     # Loss and its path
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     impl = config.loss.implementation
@@ -362,7 +395,7 @@ def build(config: Config) -> Setup:
             teacher = teacher.to(accelerator.device)
     accelerator.register_for_checkpointing(loss_fn)
     return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
-                 train_examples, eval_examples, vocab_size, optimizer, scheduler)
+                 train_examples, eval_examples, vocab_size, optimizer, scheduler, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,8 +449,13 @@ def train(config: Config) -> dict[str, Any]:
     tokens_seen, t_start = 0, time.perf_counter()
     while state.step < cfg.max_steps:
         step = state.step
+        step_start = time.perf_counter()
         micro = [{k: v.to(acc.device) for k, v in next(batches).items()}
                  for _ in range(cfg.grad_accum)]
+        # Cached teacher rows are read here, so that the data wait below includes them.
+        cached = [teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
+                  for b in micro]
+        data_s = time.perf_counter() - step_start
         # The denominator: valid tokens of the whole optimizer step, all micro-batches, all ranks.
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device),
@@ -428,7 +466,7 @@ def train(config: Config) -> dict[str, Any]:
             sync = i == len(micro) - 1
             ctx = acc.no_sync(s.student) if not sync else contextlib.nullcontext()
             with ctx:
-                out = batch_loss(s, batch, s.loss_fn)
+                out = batch_loss(s, batch, s.loss_fn, cached[i])
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(
                         f"non-finite loss ({out.loss.item()}) at step {step}, micro-batch {i}; "
@@ -456,7 +494,8 @@ def train(config: Config) -> dict[str, Any]:
         tokens_seen += global_tokens
         record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "tokens": global_tokens,
-                  "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9)}
+                  "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+                  "step_s": time.perf_counter() - step_start, "data_s": data_s}
         if s.loss_fn.divergence:
             record["distill"] = distill_value
         if s.loss_fn.distill_weight < 1.0 and s.loss_fn.divergence:

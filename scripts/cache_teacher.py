@@ -1,0 +1,7 @@
+"""Write a teacher cache: ``python scripts/cache_teacher.py --config configs/X.yaml [key=value]``."""
+
+import sys
+
+from taid.cli import cache_main
+
+sys.exit(cache_main())

@@ -1,0 +1,622 @@
+"""Where the teacher's signal comes from: the model beside the student, or a cache of its
+outputs written once (:func:`write_cache`) and streamed from disk (:class:`TeacherCache`).
+
+A cache holds one row per *target* token (a position whose label is not ignored), in the order
+of the flattened labels, so a batch's rows are the concatenation of its examples' rows. Three
+forms, each read back as a full teacher distribution over ``V`` ids:
+
+- ``topk``: the ``k`` largest log-probabilities and their ids (ids packed into the fewest bytes
+  that hold ``V - 1``: 2 bytes for ``V <= 65536``). Read as
+  :class:`taid.chunked.TopKTeacher`: the top ``k`` exact, the remaining mass
+  ``r = 1 - sum(exp(top))`` spread evenly over the other ``V - k`` ids.
+- ``hidden``: the teacher's last hidden states, with its output layer stored once
+  (``head.safetensors``); logits are rebuilt chunk by chunk (:class:`taid.chunked.LinearTeacher`),
+  exactly the online teacher's when stored in float32.
+- ``full``: the logits themselves (:class:`taid.chunked.LogitsTeacher`).
+
+Directory layout::
+
+    manifest.json             identity (teacher, tokenizer, data, settings) + shard index
+    head.safetensors          hidden mode: the teacher's output layer (weight [V_T, H], bias)
+    shard-00000.safetensors   examples [first, first + n): "offsets" [n + 1] (int64) and the
+                              rows of the mode ("log_probs" + "ids" | "hidden" | "logits")
+
+Shards are written to a temporary name and renamed, each process writes every
+``world_size``-th shard, and a shard already on disk with this cache's identity is kept, so an
+interrupted write resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taid import chunked as C
+from taid import data as D
+from taid import models as M
+from taid.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HEAD = "head.safetensors"
+DEFAULT_DTYPES = {"topk": "float16", "hidden": "bfloat16", "full": "float32"}
+STORED = {"topk": ("log_probs", "ids"), "hidden": ("hidden",), "full": ("logits",)}
+# Identity fields that describe the cache but need not match a run that reads it.
+_INFORMATIONAL = ("data_path", "teacher_weights_sha256", "num_target_tokens", "hidden_size")
+
+
+class CacheError(ConfigError):
+    """A teacher cache that is missing, corrupt, or does not match the run."""
+
+
+# --------------------------------------------------------------------------------------------
+# Packed token ids
+# --------------------------------------------------------------------------------------------
+def id_bytes(vocab_size: int) -> int:
+    """Bytes per stored token id: the fewest that hold ``vocab_size - 1``."""
+    return max(1, math.ceil(max(vocab_size - 1, 1).bit_length() / 8))
+
+
+def pack_ids(ids: Tensor, nbytes: int) -> Tensor:
+    """Integer ids ``[...]`` as little-endian bytes ``[..., nbytes]`` (uint8)."""
+    ids = ids.long()
+    return torch.stack([(ids >> (8 * i)) & 0xFF for i in range(nbytes)], -1).to(torch.uint8)
+
+
+def unpack_ids(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_ids`: int64 ids ``[...]``."""
+    out = packed[..., 0].long()
+    for i in range(1, packed.shape[-1]):
+        out |= packed[..., i].long() << (8 * i)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Identity: what a cache was written from
+# --------------------------------------------------------------------------------------------
+def _sha256(parts: Sequence[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of what decides token ids: the vocabulary, merges, added tokens, normalisation,
+    pre-tokenisation, special tokens and the chat template (not padding/truncation state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        parts: dict[str, Any] = {k: spec.get(k) for k in (
+            "model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")}
+    else:
+        parts = {"vocab": sorted(tokenizer.get_vocab().items())}
+    parts["chat_template"] = getattr(tokenizer, "chat_template", None)
+    parts["special"] = {k: getattr(tokenizer, k, None) for k in (
+        "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    parts["length"] = len(tokenizer)
+    return _sha256([json.dumps(parts, sort_keys=True, default=str).encode()])
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_hash(examples: Sequence[D.Example]) -> str:
+    """SHA-256 of the tokenized examples (ids and target masks, in order)."""
+    parts: list[bytes] = []
+    for ex in examples:
+        parts += [array("i", [len(ex.input_ids)]).tobytes(), array("i", ex.input_ids).tobytes(),
+                  bytes(ex.targets)]
+    return _sha256(parts)
+
+
+def target_rows(example: D.Example) -> int:
+    """How many cache rows an example has: its positions with a (shifted) label."""
+    return sum(1 for lab in D.shift_labels(example.input_ids, example.targets)
+               if lab != D.IGNORE_INDEX)
+
+
+def teacher_id(config: Config) -> str:
+    """The teacher's name, or ``architecture:<hash>`` for a randomly initialised one."""
+    t = config.teacher
+    if t.name_or_path:
+        return t.name_or_path
+    spec = json.dumps(t.architecture, sort_keys=True).encode()
+    return f"architecture:{_sha256([spec])[:16]}:seed={config.seed}"
+
+
+def resolved_dtype(config: Config) -> str:
+    c = config.cache
+    return DEFAULT_DTYPES[c.mode] if c.dtype == "auto" else c.dtype
+
+
+def identity(config: Config, tokenizer: PreTrainedTokenizerBase,
+             examples: Sequence[D.Example], vocab_size: int) -> dict[str, Any]:
+    """The manifest fields that must agree between a cache and a run reading it (plus the
+    informational ``data_path``)."""
+    d = config.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": config.cache.mode,
+        "k": config.cache.k if config.cache.mode == "topk" else None,
+        "dtype": resolved_dtype(config),
+        "vocab_size": vocab_size,
+        "teacher": teacher_id(config) if (config.teacher.name_or_path
+                                          or config.teacher.architecture) else None,
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "tokenization": {k: getattr(d, k) for k in (
+            "name", "split", "eval_split", "format", "text_field", "prompt_field",
+            "response_field", "messages_field", "loss_on", "max_length", "truncation",
+            "max_examples")},
+        "dataset_sha256": dataset_hash(examples),
+        "num_examples": len(examples),
+        "data_path": d.path,
+    }
+
+
+def _identity_key(ident: dict[str, Any]) -> str:
+    """What a shard is stamped with: every identity field but the data's file name."""
+    checked = {k: v for k, v in ident.items() if k != "data_path"}
+    return _sha256([json.dumps(checked, sort_keys=True).encode()])[:32]
+
+
+_HINTS = {
+    "tokenization": "tokenize as when the cache was written",
+    "dataset_sha256": "the tokenized data differ: use the data the cache was written from",
+    "tokenizer_sha256": "use the tokenizer the cache was written with",
+    "teacher": "name the teacher the cache was written from",
+}
+
+
+def compare(cached: dict[str, Any], run: dict[str, Any], where: str) -> None:
+    """Raise :class:`CacheError` naming the first field of ``run`` that differs from
+    ``cached`` (fields set to ``None`` in ``run`` are not checked)."""
+    for key, want in run.items():
+        if key in ("data_path", "teacher_weights_sha256") or want is None:
+            continue
+        have = cached.get(key)
+        if isinstance(want, dict) and isinstance(have, dict):
+            for sub, value in want.items():
+                if have.get(sub) != value:
+                    raise CacheError(
+                        f"teacher cache {where}: {key}.{sub} differs (cache: {have.get(sub)!r}, "
+                        f"this run: {value!r}); {_HINTS.get(key, 'match it')}, or rewrite the "
+                        f"cache with this config (taid-cache-teacher)")
+        elif have != want:
+            raise CacheError(
+                f"teacher cache {where}: {key} differs (cache: {have!r}, this run: {want!r}); "
+                f"{_HINTS.get(key, 'match it')}, or rewrite the cache with this config "
+                f"(taid-cache-teacher)")
+
+
+# --------------------------------------------------------------------------------------------
+# Computing the stored rows
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_rows(teacher: torch.nn.Module, batch: dict[str, Tensor], mode: str, *,
+                 vocab_size: int, k: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The stored rows of one collated batch, one per target token in flattened order."""
+    inputs = {key: v for key, v in batch.items() if key not in ("labels", "example_ids")}
+    valid = (batch["labels"] != D.IGNORE_INDEX).reshape(-1)
+    try:
+        weight, bias = M.plain_linear_head(teacher)
+    except ValueError as e:
+        if mode == "hidden":
+            raise CacheError(f"cache.mode=hidden needs a plain linear output layer: {e}; use "
+                             f"cache.mode=topk or full") from None
+        weight = bias = None
+    if weight is not None:
+        hidden = M.final_hidden(teacher, teacher, **inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[valid]
+        if mode == "hidden":
+            _check_finite(hidden, batch)
+            return {"hidden": hidden.to(dtype)}
+        source: C.TeacherSource = C.LinearTeacher(hidden, weight, bias)
+    else:
+        logits = teacher(**inputs, use_cache=False).logits
+        source = C.LogitsTeacher(logits.reshape(-1, logits.shape[-1])[valid])
+    n = source.num_rows  # >= 1: examples without a target token are dropped when tokenized
+    chunk = C.default_chunk_size(n, vocab_size, valid.device)
+    parts: dict[str, list[Tensor]] = {name: [] for name in STORED[mode]}
+    nbytes = id_bytes(vocab_size)
+    for start in range(0, n, chunk):
+        z = _raw_rows(source, slice(start, min(start + chunk, n)), vocab_size)
+        _check_finite(z, batch)
+        if mode == "full":
+            parts["logits"].append(z.to(dtype))
+        else:
+            top = torch.log_softmax(z, -1).topk(min(k, vocab_size), dim=-1)
+            parts["log_probs"].append(top.values.to(dtype))
+            parts["ids"].append(pack_ids(top.indices, nbytes))
+    return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def _raw_rows(source: C.TeacherSource, rows: slice, width: int) -> Tensor:
+    # The sources replace -inf by a large negative stand-in; -inf never occurs in real teacher
+    # logits, NaN and +inf are caught below.
+    if isinstance(source, C.LinearTeacher):
+        bias = None if source.bias is None else source.bias[:width]
+        return F.linear(source.hidden[rows], source.weight[:width], bias).float()
+    return source.logits[rows, :width].float()  # type: ignore[attr-defined]
+
+
+def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
+    if not torch.isfinite(x).all():
+        ids = batch.get("example_ids")
+        which = f" (examples {ids.tolist()})" if ids is not None else ""
+        raise FloatingPointError(f"the teacher's outputs contain NaN or inf{which}; check "
+                                 f"teacher.dtype (float16 overflows in some models)")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def _shard_metadata(path: Path) -> dict[str, str] | None:
+    """A shard's header metadata, or None if the file is absent or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable means "write it again"
+        return None
+
+
+def write_cache(config: Config, *, progress: bool | None = None) -> Path:
+    """Run the teacher of ``config`` over the run's examples and write the cache to
+    ``teacher.cache_dir`` (see the module docstring). Call it in every process of an
+    ``accelerate launch``; each writes its own shards. Returns the cache directory.
+
+    Raises:
+        CacheError: the directory holds a cache with other settings (unless
+            ``cache.overwrite``), or the teacher's output layer does not allow the mode.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if not config.teacher.cache_dir:
+        raise ConfigError("teacher.cache_dir is required: where to write the cache")
+    if not (config.teacher.name_or_path or config.teacher.architecture):
+        raise ConfigError("teacher.name_or_path (or teacher.architecture) is required to "
+                          "write a teacher cache")
+    root = Path(config.teacher.cache_dir)
+    acc = Accelerator(cpu=M.distributed_cpu())
+    set_seed(config.seed)  # a teacher built from an architecture gets the trainer's weights
+    tokenizer = M.run_tokenizer(config)
+    train, held = D.load_examples(config.data, tokenizer)
+    examples = train + held
+    with torch.random.fork_rng(devices=[]):  # as the trainer builds it
+        teacher = M.freeze(M.load_model(config.teacher)).to(acc.device)
+    vocab = len(tokenizer)
+    M.shared_vocab_size(teacher, teacher, vocab)  # refuses an output layer narrower than it
+    ident = identity(config, tokenizer, examples, vocab)
+    ident["teacher_weights_sha256"] = weights_hash(teacher)
+    ident["num_target_tokens"] = sum(target_rows(ex) for ex in examples)
+    key = _identity_key(ident)
+    mode, dtype = config.cache.mode, getattr(torch, resolved_dtype(config))
+
+    manifest_path = root / MANIFEST
+    if acc.is_main_process:
+        if manifest_path.is_file():
+            try:
+                old = json.loads(manifest_path.read_text())
+                compare(old, {k: v for k, v in ident.items() if k not in _INFORMATIONAL},
+                        str(root))
+                if old.get("teacher_weights_sha256") != ident["teacher_weights_sha256"]:
+                    raise CacheError(f"teacher cache {root}: written from other teacher weights")
+            except (CacheError, json.JSONDecodeError) as e:
+                if not config.cache.overwrite:
+                    raise CacheError(f"{e}\n{root} holds another cache: choose another "
+                                     f"teacher.cache_dir or set cache.overwrite=true") from None
+                shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        if mode == "hidden":
+            weight, bias = M.plain_linear_head(teacher)
+            head = {"weight": weight.detach()}
+            if bias is not None:
+                head["bias"] = bias.detach()
+            _atomic_save(head, root / HEAD, {"identity": key})
+    acc.wait_for_everyone()
+
+    per_shard = config.cache.examples_per_shard
+    n_shards = max(1, math.ceil(len(examples) / per_shard))
+    mine = [j for j in range(n_shards) if j % acc.num_processes == acc.process_index]
+    todo = []
+    for j in mine:
+        first = j * per_shard
+        count = min(per_shard, len(examples) - first)
+        meta = _shard_metadata(root / _shard_name(j))
+        if meta != {"identity": key, "first_example": str(first), "num_examples": str(count)}:
+            todo.append((j, first, count))
+    batch_size = config.cache.batch_size or config.train.batch_size
+    total = sum(len(ex.input_ids) for j, first, count in todo
+                for ex in examples[first:first + count])
+    bar = None
+    show = config.log.progress if progress is None else progress
+    if show and acc.is_local_main_process and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total * acc.num_processes, unit="tok", unit_scale=True,
+                   desc=f"cache {mode}", dynamic_ncols=True)
+    for j, first, count in todo:
+        shard = examples[first:first + count]
+        # Longest first, so batches pad little; rows are put back in example order below.
+        order = sorted(range(count), key=lambda i: -len(shard[i].input_ids))
+        per_example: list[dict[str, Tensor]] = [{} for _ in range(count)]
+        for b in range(0, count, batch_size):
+            chosen = order[b:b + batch_size]
+            batch = {k: v.to(acc.device) for k, v in D.collate(
+                [shard[i] for i in chosen], tokenizer.pad_token_id, packed=False).items()}
+            rows = teacher_rows(teacher, batch, mode, vocab_size=vocab, k=config.cache.k,
+                                dtype=dtype)
+            counts = (batch["labels"] != D.IGNORE_INDEX).sum(1).tolist()
+            for name, value in rows.items():
+                for i, part in zip(chosen, value.cpu().split(counts)):
+                    per_example[i][name] = part
+            if bar is not None:
+                bar.update(sum(len(shard[i].input_ids) for i in chosen) * acc.num_processes)
+        counts = [per_example[i][STORED[mode][0]].shape[0] for i in range(count)]
+        offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+        tensors = {"offsets": offsets}
+        for name in STORED[mode]:
+            tensors[name] = torch.cat([per_example[i][name] for i in range(count)])
+        _atomic_save(tensors, root / _shard_name(j),
+                     {"identity": key, "first_example": str(first), "num_examples": str(count)})
+    if bar is not None:
+        bar.close()
+    acc.wait_for_everyone()
+
+    if acc.is_main_process:
+        shards = []
+        for j in range(n_shards):
+            path = root / _shard_name(j)
+            first = j * per_shard
+            offsets = _read_tensor(path, "offsets")
+            shards.append({"file": path.name, "first_example": first,
+                           "num_examples": offsets.numel() - 1,
+                           "num_rows": int(offsets[-1]), "bytes": path.stat().st_size,
+                           "sha256": _file_sha256(path)})
+        manifest = {**ident, "identity": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "examples_per_shard": per_shard, "id_bytes": id_bytes(vocab),
+                    "hidden_size": teacher.config.hidden_size, "shards": shards}
+        if mode == "hidden":
+            manifest["head"] = {"file": HEAD, "bytes": (root / HEAD).stat().st_size,
+                                "sha256": _file_sha256(root / HEAD)}
+        _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    acc.wait_for_everyone()
+    return root
+
+
+def _read_tensor(path: Path, name: str) -> Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+class TeacherCache:
+    """A written teacher cache, read shard by shard (memory-mapped) as teacher sources.
+
+    Opening checks the manifest and that every shard file exists with its recorded size; a
+    shard's SHA-256 is checked the first time it is read (``verify``).
+
+    Args:
+        path: the cache directory.
+        verify: check each shard's SHA-256 when first read.
+
+    Raises:
+        CacheError: no manifest, an unknown format, a missing or truncated file.
+    """
+
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+        self.root = Path(path)
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            raise CacheError(f"{self.root}: no teacher cache here ({MANIFEST} is missing); "
+                             f"write one with taid-cache-teacher --config ...")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{manifest} is corrupt ({e}); rewrite the cache") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{manifest}: format version {self.manifest.get('format_version')}"
+                             f" is not {FORMAT_VERSION}; rewrite the cache with this taid")
+        self.verify = verify
+        self.shards = self.manifest["shards"]
+        files = list(self.shards) + ([self.manifest["head"]] if "head" in self.manifest else [])
+        for entry in files:
+            path_j = self.root / entry["file"]
+            if not path_j.is_file():
+                raise CacheError(f"teacher cache {self.root}: {entry['file']} is missing; rerun "
+                                 f"taid-cache-teacher with the same config to write it again")
+            size = path_j.stat().st_size
+            if size != entry["bytes"]:
+                raise CacheError(f"teacher cache {self.root}: {entry['file']} has {size} bytes, "
+                                 f"the manifest says {entry['bytes']} (truncated or replaced); "
+                                 f"delete it and rerun taid-cache-teacher to write it again")
+        self._starts = [s["first_example"] for s in self.shards]
+        self._open: dict[int, tuple[Any, list[int]]] = {}
+        self._head: dict[str, Tensor] | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def num_examples(self) -> int:
+        return self.manifest["num_examples"]
+
+    def bytes_per_token(self) -> float:
+        """Shard bytes per stored row (the head, stored once, not counted)."""
+        rows = sum(s["num_rows"] for s in self.shards)
+        return sum(s["bytes"] for s in self.shards) / max(rows, 1)
+
+    def check(self, run: dict[str, Any], teacher_weights_sha256: str | None = None) -> None:
+        """Raise :class:`CacheError` naming the first field of ``run`` (see :func:`identity`)
+        that differs from the manifest, and the teacher's weights when their hash is given."""
+        compare(self.manifest, run, str(self.root))
+        if teacher_weights_sha256 is not None and \
+                teacher_weights_sha256 != self.manifest["teacher_weights_sha256"]:
+            raise CacheError(f"teacher cache {self.root}: teacher_weights_sha256 differs (cache: "
+                             f"{self.manifest['teacher_weights_sha256'][:12]}..., this run's "
+                             f"teacher: {teacher_weights_sha256[:12]}...); the teacher's weights "
+                             f"changed: rewrite the cache")
+
+    def _verified(self, entry: dict[str, Any]) -> Path:
+        path = self.root / entry["file"]
+        if self.verify and _file_sha256(path) != entry["sha256"]:
+            raise CacheError(f"teacher cache {self.root}: {entry['file']} is corrupt (its SHA-256 "
+                             f"differs from the manifest's); delete it and rerun "
+                             f"taid-cache-teacher with the same config to write it again")
+        return path
+
+    def _shard(self, j: int) -> tuple[Any, list[int]]:
+        if j not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self._verified(self.shards[j])), framework="pt")
+            self._open[j] = (handle, handle.get_tensor("offsets").tolist())
+        return self._open[j]
+
+    def example_rows(self, example_ids: Sequence[int] | Tensor) -> dict[str, Tensor]:
+        """The stored tensors of these examples, concatenated in the given order."""
+        ids = example_ids.tolist() if isinstance(example_ids, Tensor) else list(example_ids)
+        parts: dict[str, list[Tensor]] = {name: [] for name in STORED[self.mode]}
+        for i in ids:
+            if not 0 <= i < self.num_examples:
+                raise CacheError(f"example {i} is not in the teacher cache {self.root} "
+                                 f"({self.num_examples} examples)")
+            j = bisect.bisect_right(self._starts, i) - 1
+            handle, offsets = self._shard(j)
+            local = i - self._starts[j]
+            a, b = offsets[local], offsets[local + 1]
+            for name in parts:
+                parts[name].append(handle.get_slice(name)[a:b])
+        if not ids:  # an all-ignored filler batch
+            handle, _ = self._shard(0)
+            return {name: handle.get_slice(name)[0:0] for name in parts}
+        return {name: torch.cat(p) for name, p in parts.items()}
+
+    def head(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """The teacher's output layer (``hidden`` mode): ``weight`` and maybe ``bias``."""
+        if self._head is None:
+            from safetensors.torch import load_file
+
+            self._head = load_file(str(self._verified(self.manifest["head"])))
+        return {k: v.to(device) for k, v in self._head.items()}
+
+    def source(self, example_ids: Sequence[int] | Tensor, labels: Tensor, *,
+               ignore_index: int = D.IGNORE_INDEX) -> C.TeacherSource:
+        """The teacher for a batch: ``example_ids`` in the batch's row-major order and its
+        ``labels`` (whose valid positions the rows correspond to), on ``labels``' device.
+
+        Raises:
+            CacheError: the rows and the batch's target tokens do not correspond one to one
+                (the data changed since the cache was written).
+        """
+        rows = self.example_rows(example_ids)
+        device = labels.device
+        inner: C.TeacherSource
+        if self.mode == "topk":
+            inner = C.TopKTeacher(rows["log_probs"].to(device), unpack_ids(rows["ids"].to(device)),
+                                  self.vocab_size)
+        elif self.mode == "hidden":
+            head = self.head(device)
+            inner = C.LinearTeacher(rows["hidden"].to(device, head["weight"].dtype),
+                                    head["weight"], head.get("bias"))
+        else:
+            inner = C.LogitsTeacher(rows["logits"].to(device))
+        valid = (labels != ignore_index).reshape(-1)
+        if inner.num_rows != int(valid.sum()):
+            ids = example_ids.tolist() if isinstance(example_ids, Tensor) else list(example_ids)
+            raise CacheError(f"the teacher cache holds {inner.num_rows} target rows for examples "
+                             f"{ids[:8]}{'...' if len(ids) > 8 else ''} but the batch has "
+                             f"{int(valid.sum())} target tokens: the data or its tokenization "
+                             f"changed since the cache was written; rewrite it")
+        return C.ValidRowsTeacher(inner, valid)
+
+
+def teacher_cross_entropy(source: C.TeacherSource, labels: Tensor, width: int, *,
+                          ignore_index: int = D.IGNORE_INDEX) -> Tensor:
+    """Summed ``-log p_T(label)`` over the valid positions of ``labels`` (float64 scalar),
+    chunk by chunk from any teacher source."""
+    flat = labels.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)
+    total = torch.zeros((), dtype=torch.float64, device=labels.device)
+    chunk = C.default_chunk_size(max(idx.numel(), 1), width, labels.device)
+    for start in range(0, idx.numel(), chunk):
+        rows = idx[start:start + chunk]
+        logp = torch.log_softmax(source.rows(rows, width), -1)
+        total -= logp.gather(1, flat.index_select(0, rows).unsqueeze(1)).double().sum()
+    return total
+
+
+__all__ = [
+    "CacheError",
+    "TeacherCache",
+    "compare",
+    "identity",
+    "id_bytes",
+    "pack_ids",
+    "teacher_cross_entropy",
+    "unpack_ids",
+    "write_cache",
+]

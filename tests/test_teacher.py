@@ -1,0 +1,335 @@
+"""The teacher cache: write once, read back as the same teacher (exactly for ``hidden`` and
+``full``, within a derived bound for ``topk``), resume, and refuse what does not match."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taid import data as D
+from taid import functional as TF
+from taid import teacher as T
+from taid import trainer as TR
+from taid.chunked import TopKTeacher
+from taid.config import load_config
+from taid.losses import LOSSES, build_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+SMALL = ["data.max_examples=24", "data.eval_size=4", "train.batch_size=4",
+         "cache.examples_per_shard=8", "log.trackers=[]", "log.progress=false"]
+
+
+def config(tmp_path: Path, *overrides: str):
+    return load_config(SMOKE, [f"output_dir={tmp_path / 'run'}",
+                               f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL, *overrides])
+
+
+def written(tmp_path: Path, *overrides: str):
+    cfg = config(tmp_path, *overrides)
+    T.write_cache(cfg)
+    return cfg
+
+
+def setups(tmp_path: Path, *overrides: str):
+    """The same run beside the teacher and from the cache (same student initialisation)."""
+    online = TR.build(config(tmp_path, *overrides))
+    cached = TR.build(config(tmp_path, "teacher.source=cache", *overrides))
+    return online, cached
+
+
+def first_batch(s: TR.Setup) -> dict[str, torch.Tensor]:
+    stream = D.BatchStream(s.train_examples, s.config.train.batch_size, seed=0,
+                           pad_id=s.tokenizer.pad_token_id, packed=s.config.data.packing)
+    return next(iter(stream))
+
+
+# --------------------------------------------------------------------------------------------
+# Storage details
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [2, 255, 256, 257, 49152, 65536, 65537, 128256])
+def test_packed_ids_round_trip(vocab):
+    ids = torch.randint(0, vocab, (5, 7))
+    ids[0, 0], ids[0, 1] = 0, vocab - 1
+    nbytes = T.id_bytes(vocab)
+    assert 2 ** (8 * nbytes) >= vocab > 2 ** (8 * (nbytes - 1)) or nbytes == 1
+    packed = T.pack_ids(ids, nbytes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 7, nbytes)
+    assert torch.equal(T.unpack_ids(packed), ids)
+
+
+def test_topk_at_k64_stores_260_bytes_per_token_or_less(tmp_path):
+    cfg = written(tmp_path)
+    cache = T.TeacherCache(cfg.teacher.cache_dir)
+    # 64 float16 log-probs + 64 two-byte ids = 256 bytes, plus the offsets and headers
+    assert 256 <= cache.bytes_per_token() <= 260
+    assert cache.manifest["id_bytes"] == 2 and cache.manifest["dtype"] == "float16"
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["hidden", "full"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_exact_modes_give_the_online_loss_for_every_registered_loss(tmp_path, mode, fused):
+    impl = "auto" if fused else "chunked"
+    written(tmp_path, f"cache.mode={mode}", "cache.dtype=float32")
+    online, cached = setups(tmp_path, f"cache.mode={mode}", "cache.dtype=float32",
+                            f"loss.implementation={impl}")
+    assert online.fused is fused and cached.cache is not None and cached.teacher is None
+    batch = first_batch(online)
+    for name in LOSSES:
+        kwargs = {"total_steps": 10} if name == "taid" else {}
+        loss_fn = build_loss(name, reduction="sum", vocab_size=online.vocab_size, **kwargs)
+        want = TR.batch_loss(online, batch, loss_fn)
+        got = TR.batch_loss(cached, batch, loss_fn)
+        assert got.num_tokens == want.num_tokens
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0, msg=name)
+
+
+def test_topk_loss_is_within_the_derived_bound(tmp_path):
+    """With the tail of each row replaced by its mean, ``r`` the tail mass and ``m = V - k``:
+    ``|KL(p^||q) - KL(p||q)| <= r * (log m + range over the tail of log q)`` per token (the
+    entropy term moves by ``r * (H_tail - log m)``, the cross term by at most ``r`` times the
+    range), and the gradient ``q - p`` moves by at most ``2 r`` in L1 per token."""
+    written(tmp_path, "cache.dtype=float32")
+    online, cached = setups(tmp_path, "cache.dtype=float32", "loss.implementation=chunked")
+    batch = first_batch(online)
+    student_logits = online.student(**TR.model_inputs(batch)).logits.detach()
+    labels = batch["labels"]
+    losses, grads = [], []
+    for s in (online, cached):
+        x = student_logits.clone().requires_grad_(True)
+        TF.forward_kl(x, TR.teacher_source(s, batch), labels).backward()  # mean over n tokens
+        losses.append(TF.forward_kl(x.detach(), TR.teacher_source(s, batch), labels,
+                                    reduction="none"))
+        grads.append(x.grad)
+    valid = labels != -100
+    n, vocab, k = int(valid.sum()), student_logits.shape[-1], 64
+    p = torch.log_softmax(TR.teacher_source(online, batch).rows(slice(0, labels.numel()), vocab)
+                          .double(), -1).reshape(*labels.shape, vocab)[valid].exp()
+    top = p.topk(k, -1).indices
+    tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, top, False)
+    r = (p * tail).sum(-1)
+    log_q = torch.log_softmax(student_logits.double(), -1)[valid]
+    spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - log_q.masked_fill(~tail, math.inf
+                                                                              ).amin(-1)
+    bound = r * (math.log(vocab - k) + spread)
+    err = (losses[1] - losses[0]).double()[valid].abs()
+    assert (err <= bound + 1e-5).all()
+    assert err.max() > 1e-4  # the reconstruction is not the teacher: the test can fail
+    g_err = (grads[1] - grads[0]).double()[valid].abs().sum(-1)
+    assert (g_err <= 2 * r / n + 1e-6).all()
+
+
+def test_topk_bound_on_peaked_teachers_tightens_with_k():
+    """The same bound on sharper, LLM-like distributions, where the tail mass is small."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 500
+    teacher = torch.randn(64, vocab, generator=g) * 4
+    student = torch.randn(64, vocab, generator=g) * 2
+    log_p = torch.log_softmax(teacher.double(), -1)
+    exact = TF.forward_kl(student, teacher, reduction="none").double()
+    previous = math.inf
+    for k in (8, 32, 128):
+        top = log_p.topk(k, -1)
+        source = TopKTeacher(top.values.float(), top.indices, vocab)
+        approx = TF.loss_terms("fkl", student, source, reduction="none").loss.double()
+        tail = torch.ones_like(log_p, dtype=torch.bool).scatter_(1, top.indices, False)
+        r = (log_p.exp() * tail).sum(-1)
+        log_q = torch.log_softmax(student.double(), -1)
+        spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - \
+            log_q.masked_fill(~tail, math.inf).amin(-1)
+        err = (approx - exact).abs()
+        assert (err <= r * (math.log(vocab - k) + spread) + 1e-5).all()
+        assert err.mean() < previous
+        previous = err.mean()
+
+
+@pytest.mark.parametrize("mode", ["topk", "hidden", "full"])
+def test_training_from_each_mode_runs_and_evaluates(tmp_path, mode):
+    cfg = written(tmp_path, f"cache.mode={mode}", "train.max_steps=2", "train.save_every=0",
+                  "train.eval_every=0")
+    result = TR.train(load_config(SMOKE, [
+        f"output_dir={tmp_path / 'run'}", f"teacher.cache_dir={cfg.teacher.cache_dir}",
+        "teacher.source=cache", f"cache.mode={mode}", *SMALL, "train.max_steps=2",
+        "train.save_every=0", "train.eval_every=0"]))
+    after = result["after"]
+    assert result["steps"] == 2 and math.isfinite(after["eval/kl_teacher_student"])
+    assert after["eval/teacher_ppl"] > 1 and result["setup"].teacher is None
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(0 <= r["data_s"] < r["step_s"] for r in steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: resume, several processes
+# --------------------------------------------------------------------------------------------
+def _stamps(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("shard-*")}
+
+
+def test_an_interrupted_write_resumes_and_keeps_finished_shards(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    real = T._atomic_save
+    calls = []
+
+    def crash_on_second_shard(tensors, path, metadata):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(T, "_atomic_save", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        T.write_cache(cfg)
+    root = Path(cfg.teacher.cache_dir)
+    assert not (root / T.MANIFEST).exists() and sorted(_stamps(root)) == ["shard-00000.safetensors"]
+    before = _stamps(root)
+    monkeypatch.setattr(T, "_atomic_save", real)
+    T.write_cache(cfg)
+    after = _stamps(root)
+    assert after["shard-00000.safetensors"] == before["shard-00000.safetensors"]  # kept
+    assert sorted(after) == [f"shard-{j:05d}.safetensors" for j in range(3)]
+    assert not list(root.glob(".*tmp*"))
+    resumed = json.loads((root / T.MANIFEST).read_text())
+
+    # The same cache written in one go
+    other = config(tmp_path / "again")
+    T.write_cache(other)
+    fresh = json.loads((Path(other.teacher.cache_dir) / T.MANIFEST).read_text())
+    for key in ("dataset_sha256", "teacher_weights_sha256", "tokenizer_sha256"):
+        assert resumed[key] == fresh[key]
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in fresh["shards"]]
+
+    # A deleted shard is written again, the others are left alone; the cache reads back
+    (root / "shard-00001.safetensors").unlink()
+    T.write_cache(cfg)
+    again = _stamps(root)
+    assert again["shard-00000.safetensors"] == after["shard-00000.safetensors"]
+    assert again["shard-00002.safetensors"] == after["shard-00002.safetensors"]
+    assert json.loads((root / T.MANIFEST).read_text())["shards"] == resumed["shards"]
+
+
+def test_a_cache_of_other_settings_is_not_overwritten_silently(tmp_path):
+    written(tmp_path)
+    with pytest.raises(T.CacheError, match=r"k differs \(cache: 64, this run: 32\).*overwrite"):
+        T.write_cache(config(tmp_path, "cache.k=32"))
+    T.write_cache(config(tmp_path, "cache.k=32", "cache.overwrite=true"))
+    assert T.TeacherCache(tmp_path / "cache").manifest["k"] == 32
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_cache_as_one(tmp_path):
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+           str(ROOT / "scripts" / "cache_teacher.py"), "--config", str(SMOKE),
+           f"teacher.cache_dir={two}", *SMALL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "bytes per token" in proc.stdout
+    cfg = written(tmp_path)
+    one = json.loads((Path(cfg.teacher.cache_dir) / T.MANIFEST).read_text())
+    both = json.loads((two / T.MANIFEST).read_text())
+    assert len(both["shards"]) == 3
+    assert [s["sha256"] for s in both["shards"]] == [s["sha256"] for s in one["shards"]]
+    assert both["teacher_weights_sha256"] == one["teacher_weights_sha256"]
+
+
+# --------------------------------------------------------------------------------------------
+# Refusing what does not match, before training
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, field", [
+    ("cache.k=32", "k"),
+    ("cache.mode=hidden", "mode"),
+    ("cache.dtype=bfloat16", "dtype"),
+    ("data.max_length=64", "tokenization.max_length"),
+    ("data.loss_on=all", "tokenization.loss_on"),
+    ("data.max_examples=20", "tokenization.max_examples"),
+    ("teacher.architecture.hidden_size=32", "teacher"),
+])
+def test_every_setting_mismatch_is_named_with_both_values(tmp_path, override, field):
+    written(tmp_path)
+    with pytest.raises(T.CacheError, match=rf"{field} differs \(cache: .+, this run: .+\)"):
+        TR.build(config(tmp_path, "teacher.source=cache", override))
+
+
+def test_changed_data_tokenizer_vocabulary_or_teacher_weights_are_named(tmp_path, monkeypatch):
+    cfg = written(tmp_path)
+    root = Path(cfg.teacher.cache_dir)
+    data = tmp_path / "data.jsonl"
+    rows = (ROOT / "data" / "quickstart.jsonl").read_text().splitlines()
+    rows[3] = rows[3].replace("a", "b", 1)
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(T.CacheError, match="dataset_sha256 differs"):
+        TR.build(config(tmp_path, "teacher.source=cache", f"data.path={data}"))
+
+    manifest = json.loads((root / T.MANIFEST).read_text())
+    for key, value, match in [
+        ("tokenizer_sha256", "0" * 64, "tokenizer_sha256 differs"),
+        ("vocab_size", 50000, r"vocab_size differs \(cache: 50000, this run distils over "
+                              r"49152"),
+    ]:
+        edited = {**manifest, key: value}
+        (root / T.MANIFEST).write_text(json.dumps(edited))
+        with pytest.raises(T.CacheError, match=match):
+            TR.build(config(tmp_path, "teacher.source=cache"))
+    (root / T.MANIFEST).write_text(json.dumps({**manifest, "teacher_weights_sha256": "f" * 64}))
+    with pytest.raises(T.CacheError, match="teacher_weights_sha256 differs"):  # teacher loaded
+        TR.build(config(tmp_path, "teacher.source=cache", "student.init=teacher_layers",
+                        "student.layers=1"))
+
+
+def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
+    cfg = written(tmp_path)
+    root = Path(cfg.teacher.cache_dir)
+    shard = root / "shard-00001.safetensors"
+    original = shard.read_bytes()
+
+    shard.unlink()
+    with pytest.raises(T.CacheError, match="shard-00001.safetensors is missing"):
+        T.TeacherCache(root)
+    shard.write_bytes(original[:-10])
+    with pytest.raises(T.CacheError, match="shard-00001.safetensors has .* bytes"):
+        T.TeacherCache(root)
+    corrupt = bytearray(original)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    shard.write_bytes(bytes(corrupt))
+    cache = T.TeacherCache(root)
+    cache.example_rows([0])  # shard 0 is intact
+    with pytest.raises(T.CacheError, match="shard-00001.safetensors is corrupt"):
+        cache.example_rows([8])
+    with pytest.raises(T.CacheError, match="no teacher cache"):
+        T.TeacherCache(tmp_path / "nowhere")
+
+
+def test_rows_that_do_not_match_the_batch_are_refused(tmp_path):
+    cfg = written(tmp_path)
+    cache = T.TeacherCache(cfg.teacher.cache_dir)
+    labels = torch.full((1, 5), -100)
+    labels[0, :2] = 1
+    with pytest.raises(T.CacheError, match="target rows for examples .* but the batch has 2"):
+        cache.source([0], labels)
+    with pytest.raises(T.CacheError, match="example 99 is not in the teacher cache"):
+        cache.example_rows([99])
+
+
+def test_packed_batches_read_each_examples_rows_in_order(tmp_path):
+    written(tmp_path, "cache.mode=full", "cache.dtype=float32", "data.max_length=256")
+    online, cached = setups(tmp_path, "cache.mode=full", "cache.dtype=float32",
+                            "data.packing=true", "data.max_length=256")
+    batch = first_batch(online)
+    assert batch["example_ids"].numel() > batch["input_ids"].shape[0]  # rows hold several
+    loss_fn = build_loss("fkl", reduction="sum", vocab_size=online.vocab_size)
+    torch.testing.assert_close(TR.batch_loss(cached, batch, loss_fn).loss,
+                               TR.batch_loss(online, batch, loss_fn).loss, rtol=1e-5, atol=0)
