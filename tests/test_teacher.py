@@ -174,6 +174,21 @@ def test_training_from_each_mode_runs_and_evaluates(tmp_path, mode):
 # --------------------------------------------------------------------------------------------
 # Writing: resume, several processes
 # --------------------------------------------------------------------------------------------
+def _contents(root: Path) -> list[dict[str, torch.Tensor]]:
+    """Every shard's tensors (file bytes differ between writes: safetensors stores its header
+    metadata in no fixed order)."""
+    from safetensors.torch import load_file
+
+    return [load_file(str(p)) for p in sorted(root.glob("shard-*"))]
+
+
+def _same_contents(a: Path, b: Path) -> None:
+    left, right = _contents(a), _contents(b)
+    assert len(left) == len(right)
+    for x, y in zip(left, right):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("shard-*")}
 
@@ -207,9 +222,9 @@ def test_an_interrupted_write_resumes_and_keeps_finished_shards(tmp_path, monkey
     other = config(tmp_path / "again")
     T.write_cache(other)
     fresh = json.loads((Path(other.teacher.cache_dir) / T.MANIFEST).read_text())
-    for key in ("dataset_sha256", "teacher_weights_sha256", "tokenizer_sha256"):
+    for key in ("dataset_sha256", "teacher_weights_sha256", "tokenizer_sha256", "identity"):
         assert resumed[key] == fresh[key]
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in fresh["shards"]]
+    _same_contents(root, Path(other.teacher.cache_dir))
 
     # A deleted shard is written again, the others are left alone; the cache reads back
     (root / "shard-00001.safetensors").unlink()
@@ -222,7 +237,7 @@ def test_an_interrupted_write_resumes_and_keeps_finished_shards(tmp_path, monkey
 
 def test_a_cache_of_other_settings_is_not_overwritten_silently(tmp_path):
     written(tmp_path)
-    with pytest.raises(T.CacheError, match=r"k differs \(cache: 64, this run: 32\).*overwrite"):
+    with pytest.raises(T.CacheError, match=r"k differs: cache 64, now 32\).*overwrite=true"):
         T.write_cache(config(tmp_path, "cache.k=32"))
     T.write_cache(config(tmp_path, "cache.k=32", "cache.overwrite=true"))
     assert T.TeacherCache(tmp_path / "cache").manifest["k"] == 32
@@ -241,9 +256,8 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     cfg = written(tmp_path)
     one = json.loads((Path(cfg.teacher.cache_dir) / T.MANIFEST).read_text())
     both = json.loads((two / T.MANIFEST).read_text())
-    assert len(both["shards"]) == 3
-    assert [s["sha256"] for s in both["shards"]] == [s["sha256"] for s in one["shards"]]
-    assert both["teacher_weights_sha256"] == one["teacher_weights_sha256"]
+    assert len(both["shards"]) == 3 and both["identity"] == one["identity"]
+    _same_contents(two, Path(cfg.teacher.cache_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +283,9 @@ def test_changed_data_tokenizer_vocabulary_or_teacher_weights_are_named(tmp_path
     root = Path(cfg.teacher.cache_dir)
     data = tmp_path / "data.jsonl"
     rows = (ROOT / "data" / "quickstart.jsonl").read_text().splitlines()
-    rows[3] = rows[3].replace("a", "b", 1)
+    row = json.loads(rows[3])
+    row["messages"][0]["content"] = "Hi. " + row["messages"][0]["content"]
+    rows[3] = json.dumps(row)
     data.write_text("\n".join(rows) + "\n")
     with pytest.raises(T.CacheError, match="dataset_sha256 differs"):
         TR.build(config(tmp_path, "teacher.source=cache", f"data.path={data}"))

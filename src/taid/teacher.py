@@ -191,25 +191,33 @@ _HINTS = {
 }
 
 
-def compare(cached: dict[str, Any], run: dict[str, Any], where: str) -> None:
-    """Raise :class:`CacheError` naming the first field of ``run`` that differs from
-    ``cached`` (fields set to ``None`` in ``run`` are not checked)."""
+def first_difference(cached: dict[str, Any], run: dict[str, Any]
+                     ) -> tuple[str, Any, Any] | None:
+    """The first field of ``run`` that differs from ``cached`` as ``(dotted name, cached
+    value, run value)``; fields set to ``None`` in ``run`` are not compared."""
     for key, want in run.items():
-        if key in ("data_path", "teacher_weights_sha256") or want is None:
+        if key in _INFORMATIONAL or want is None:
             continue
         have = cached.get(key)
         if isinstance(want, dict) and isinstance(have, dict):
             for sub, value in want.items():
                 if have.get(sub) != value:
-                    raise CacheError(
-                        f"teacher cache {where}: {key}.{sub} differs (cache: {have.get(sub)!r}, "
-                        f"this run: {value!r}); {_HINTS.get(key, 'match it')}, or rewrite the "
-                        f"cache with this config (taid-cache-teacher)")
+                    return f"{key}.{sub}", have.get(sub), value
         elif have != want:
-            raise CacheError(
-                f"teacher cache {where}: {key} differs (cache: {have!r}, this run: {want!r}); "
-                f"{_HINTS.get(key, 'match it')}, or rewrite the cache with this config "
-                f"(taid-cache-teacher)")
+            return key, have, want
+    return None
+
+
+def compare(cached: dict[str, Any], run: dict[str, Any], where: str) -> None:
+    """Raise :class:`CacheError` naming the first field of ``run`` that differs from
+    ``cached``, with both values (see :func:`first_difference`)."""
+    diff = first_difference(cached, run)
+    if diff is not None:
+        name, have, want = diff
+        hint = _HINTS.get(name.split(".")[0], "match it")
+        raise CacheError(f"teacher cache {where}: {name} differs (cache: {have!r}, this run: "
+                         f"{want!r}); {hint}, or rewrite the cache with this config "
+                         f"(taid-cache-teacher)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,11 +282,14 @@ def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # One metadata key: safetensors writes several in no fixed order, and equal shards should
+    # be equal files.
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"taid": json.dumps(metadata, sort_keys=True)})
     os.replace(tmp, path)
 
 
@@ -300,7 +311,7 @@ def _shard_name(j: int) -> str:
     return f"shard-{j:05d}.safetensors"
 
 
-def _shard_metadata(path: Path) -> dict[str, str] | None:
+def _shard_metadata(path: Path) -> dict[str, Any] | None:
     """A shard's header metadata, or None if the file is absent or unreadable."""
     from safetensors import safe_open
 
@@ -308,7 +319,7 @@ def _shard_metadata(path: Path) -> dict[str, str] | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            return json.loads((f.metadata() or {})["taid"])
     except Exception:  # noqa: BLE001 - unreadable means "write it again"
         return None
 
@@ -351,14 +362,19 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         if manifest_path.is_file():
             try:
                 old = json.loads(manifest_path.read_text())
-                compare(old, {k: v for k, v in ident.items() if k not in _INFORMATIONAL},
-                        str(root))
-                if old.get("teacher_weights_sha256") != ident["teacher_weights_sha256"]:
-                    raise CacheError(f"teacher cache {root}: written from other teacher weights")
-            except (CacheError, json.JSONDecodeError) as e:
-                if not config.cache.overwrite:
-                    raise CacheError(f"{e}\n{root} holds another cache: choose another "
-                                     f"teacher.cache_dir or set cache.overwrite=true") from None
+                diff = first_difference(old, ident)
+                if diff is None and old.get("teacher_weights_sha256") != \
+                        ident["teacher_weights_sha256"]:
+                    diff = ("teacher_weights_sha256", old.get("teacher_weights_sha256"),
+                            ident["teacher_weights_sha256"])
+            except json.JSONDecodeError:
+                diff = ("manifest.json", "unreadable", "a new cache")
+            if diff is not None and not config.cache.overwrite:
+                name, have, want = diff
+                raise CacheError(f"{root} holds a teacher cache written with other settings "
+                                 f"({name} differs: cache {have!r}, now {want!r}); choose "
+                                 f"another teacher.cache_dir or set cache.overwrite=true")
+            if diff is not None:
                 shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         if mode == "hidden":
@@ -377,7 +393,7 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         first = j * per_shard
         count = min(per_shard, len(examples) - first)
         meta = _shard_metadata(root / _shard_name(j))
-        if meta != {"identity": key, "first_example": str(first), "num_examples": str(count)}:
+        if meta != {"identity": key, "first_example": first, "num_examples": count}:
             todo.append((j, first, count))
     batch_size = config.cache.batch_size or config.train.batch_size
     total = sum(len(ex.input_ids) for j, first, count in todo
@@ -412,7 +428,7 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         for name in STORED[mode]:
             tensors[name] = torch.cat([per_example[i][name] for i in range(count)])
         _atomic_save(tensors, root / _shard_name(j),
-                     {"identity": key, "first_example": str(first), "num_examples": str(count)})
+                     {"identity": key, "first_example": first, "num_examples": count})
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
