@@ -1,4 +1,4 @@
-"""Write a teacher cache: ``python scripts/cache_teacher.py --config configs/X.yaml [key=value]``."""
+"""Write a teacher cache: ``python scripts/cache_teacher.py --config X.yaml [key=value]``."""
 
 import sys
 
