@@ -34,3 +34,12 @@ def test_plain_pytorch_example_distils(monkeypatch):
     result = module["main"](steps=40)
     assert result["kl_after"] < 0.5 * result["kl_before"]
     assert result["t"] == pytest.approx(0.4 + 0.6 * 39 / 40)
+
+
+def test_from_cache_example_distils_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["from_cache.py"])
+    module = runpy.run_path(str(ROOT / "examples" / "from_cache.py"))
+    result = module["main"](steps=20, workdir=str(tmp_path))
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    assert result["kl_after"] < 0.9 * result["kl_before"]
+    assert result["t"] == pytest.approx(0.4 + 0.6 * 19 / 20)

@@ -113,6 +113,9 @@ class DataConfig:
     """Split held out for evaluation; if unset, ``eval_size`` examples are held out of ``split``."""
     eval_size: int = 64
     """Examples held out when there is no ``eval_split`` (0 disables evaluation)."""
+    eval_seed: int | None = None
+    """Seed of the held-out choice; ``null``: the run's ``seed`` (fix it to compare seeds on
+    the same held-out examples)."""
     streaming: bool = False
     """Stream the dataset instead of downloading it whole (hub datasets)."""
     max_examples: int | None = None

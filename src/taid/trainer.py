@@ -251,7 +251,8 @@ def evaluate(s: Setup) -> dict[str, float]:
         if has_teacher:
             source = teacher_source(s, batch)
             width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
-            totals[2] += s.loss_fn.compute(logits, source, labels).distill.double()
+            if s.loss_fn.divergence is not None:
+                totals[2] += s.loss_fn.compute(logits, source, labels).distill.double()
             totals[3] += kl_fn.compute(logits, source, labels).loss.double()
             totals[4] += T.teacher_cross_entropy(source, labels, width)
     totals = acc.reduce(totals, reduction="sum")
@@ -261,7 +262,9 @@ def evaluate(s: Setup) -> dict[str, float]:
                "eval/student_ppl": math.exp(min(totals[1].item() / n, 50.0)),
                "eval/tokens": totals[0].item()}
     if has_teacher:
-        metrics.update({"eval/distill": totals[2].item() / n, "eval/kl_teacher_student":
+        if s.loss_fn.divergence is not None:
+            metrics["eval/distill"] = totals[2].item() / n
+        metrics.update({"eval/kl_teacher_student":
                         totals[3].item() / n, "eval/teacher_ce": totals[4].item() / n,
                         "eval/teacher_ppl": math.exp(min(totals[4].item() / n, 50.0))})
     if hasattr(s.loss_fn, "t"):
@@ -297,11 +300,13 @@ def build(config: Config) -> Setup:
     train_examples, eval_examples = D.load_examples(config.data, tokenizer)
     all_examples = train_examples + eval_examples
     if not eval_examples:
+        eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
         train_examples, eval_examples = D.split_eval(train_examples, config.data.eval_size,
-                                                     config.seed)
+                                                     eval_seed)
 
-    # A teacher cache is checked against this run's tokenizer and data before any model loads
-    from_cache = config.teacher.source == "cache" and config.loss.name != "sft"
+    # A teacher cache is checked against this run's tokenizer and data before any model loads.
+    # (With loss sft it only serves the held-out metrics: KL to the teacher, teacher perplexity.)
+    from_cache = config.teacher.source == "cache"
     cache = None
     if from_cache:
         cache = T.TeacherCache(config.teacher.cache_dir)
