@@ -131,6 +131,22 @@ def test_topk_loss_is_within_the_derived_bound(tmp_path):
     assert (g_err <= 2 * r / n + 1e-6).all()
 
 
+def test_every_registered_loss_trains_from_a_topk_cache(tmp_path):
+    written(tmp_path)
+    cached = TR.build(config(tmp_path, "teacher.source=cache"))
+    batch = first_batch(cached)
+    for name in LOSSES:
+        kwargs = {"total_steps": 10} if name == "taid" else {}
+        loss_fn = build_loss(name, reduction="sum", vocab_size=cached.vocab_size, **kwargs)
+        cached.student.zero_grad()
+        out = TR.batch_loss(cached, batch, loss_fn)
+        out.loss.backward()
+        grads = [p.grad for p in cached.student.parameters() if p.grad is not None]
+        assert torch.isfinite(out.loss) and grads, name
+        assert all(torch.isfinite(g).all() for g in grads), name
+        assert out.num_tokens == (batch["labels"] != -100).sum()
+
+
 def test_topk_bound_on_peaked_teachers_tightens_with_k():
     """The same bound on sharper, LLM-like distributions, where the tail mass is small."""
     g = torch.Generator().manual_seed(3)

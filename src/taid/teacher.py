@@ -357,25 +357,28 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     key = _identity_key(ident)
     mode, dtype = config.cache.mode, getattr(torch, resolved_dtype(config))
 
+    # Every process checks an existing manifest, so that a refusal stops all of them.
     manifest_path = root / MANIFEST
+    diff = None
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+            diff = first_difference(old, ident)
+            if diff is None and old.get("teacher_weights_sha256") != \
+                    ident["teacher_weights_sha256"]:
+                diff = ("teacher_weights_sha256", old.get("teacher_weights_sha256"),
+                        ident["teacher_weights_sha256"])
+        except json.JSONDecodeError:
+            diff = ("manifest.json", "unreadable", "a new cache")
+    if diff is not None and not config.cache.overwrite:
+        name, have, want = diff
+        raise CacheError(f"{root} holds a teacher cache written with other settings "
+                         f"({name} differs: cache {have!r}, now {want!r}); choose another "
+                         f"teacher.cache_dir or set cache.overwrite=true")
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        if manifest_path.is_file():
-            try:
-                old = json.loads(manifest_path.read_text())
-                diff = first_difference(old, ident)
-                if diff is None and old.get("teacher_weights_sha256") != \
-                        ident["teacher_weights_sha256"]:
-                    diff = ("teacher_weights_sha256", old.get("teacher_weights_sha256"),
-                            ident["teacher_weights_sha256"])
-            except json.JSONDecodeError:
-                diff = ("manifest.json", "unreadable", "a new cache")
-            if diff is not None and not config.cache.overwrite:
-                name, have, want = diff
-                raise CacheError(f"{root} holds a teacher cache written with other settings "
-                                 f"({name} differs: cache {have!r}, now {want!r}); choose "
-                                 f"another teacher.cache_dir or set cache.overwrite=true")
-            if diff is not None:
-                shutil.rmtree(root)
+        if diff is not None:
+            shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         if mode == "hidden":
             weight, bias = M.plain_linear_head(teacher)
