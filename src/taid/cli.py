@@ -6,22 +6,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from taid.config import ConfigError, load_config
+from taid.config import Config, ConfigError, load_config
+
+
+def _config_from_args(prog: str, description: str, example: str,
+                      argv: list[str] | None) -> Config | None:
+    """Parse ``--config PATH [dotted.key=value ...]``; a config error is printed (None)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"dotted overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """``taid-train --config PATH [dotted.key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="taid-train", description="Distil a teacher LM into a student with TAID or a "
-        "baseline loss, from a YAML config.")
-    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.max_steps=20 loss.name=fkl")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    config = _config_from_args("taid-train", "Distil a teacher LM into a student with TAID or a "
+                               "baseline loss, from a YAML config.",
+                               "train.max_steps=20 loss.name=fkl", argv)
+    if config is None:
         return 2
     from taid.report import print_report
     from taid.trainer import train
@@ -38,19 +46,16 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def cache_main(argv: list[str] | None = None) -> int:
     """``taid-cache-teacher --config PATH [dotted.key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="taid-cache-teacher", description="Run a config's teacher once over its data and "
-        "write its outputs (cache.mode: topk, hidden or full) to teacher.cache_dir, for runs "
-        "with teacher.source=cache. Resumable; run under accelerate launch for several "
-        "processes.")
-    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. cache.mode=hidden teacher.cache_dir=PATH")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        from taid.teacher import TeacherCache, write_cache
+    config = _config_from_args(
+        "taid-cache-teacher", "Run a config's teacher once over its data and write its outputs "
+        "(cache.mode: topk, hidden or full) to teacher.cache_dir, for runs with "
+        "teacher.source=cache. Resumable; run under accelerate launch for several processes.",
+        "cache.mode=hidden teacher.cache_dir=PATH", argv)
+    if config is None:
+        return 2
+    from taid.teacher import TeacherCache, write_cache
 
+    try:
         root = write_cache(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
