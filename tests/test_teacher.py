@@ -56,6 +56,44 @@ def first_batch(s: TR.Setup) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Storage details
 # --------------------------------------------------------------------------------------------
+def _reference_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest values first; equal values by smallest id (plain Python sort per row)."""
+    values, ids = [], []
+    for row in x.tolist():
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        ids.append(order)
+        values.append([row[i] for i in order])
+    return torch.tensor(values, dtype=x.dtype), torch.tensor(ids)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 16])
+def test_canonical_topk_orders_ties_by_id_and_keeps_the_smallest_tied_ids(k):
+    # Few distinct values, so ties inside the top-k and across its boundary are everywhere.
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(0, 4, (64, 37), generator=g).float().log_softmax(-1)
+    x[0] = 0.5  # a row of equal values: the top-k are ids 0..k-1
+    values, ids = T.canonical_topk(x.clone(), k)
+    want_values, want_ids = _reference_topk(x, k)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(values, want_values)
+    assert ids[0].tolist() == list(range(k))
+
+
+def test_canonical_topk_does_not_depend_on_the_number_of_threads():
+    x = torch.randint(0, 3, (512, 4099), generator=torch.Generator().manual_seed(0)).float()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(T.canonical_topk(x, 64))
+    finally:
+        torch.set_num_threads(before)
+    for values, ids in results[1:]:
+        assert torch.equal(values, results[0][0]) and torch.equal(ids, results[0][1])
+    assert torch.equal(results[0][1][:8], _reference_topk(x[:8], 64)[1])
+
+
 @pytest.mark.parametrize("vocab", [2, 255, 256, 257, 49152, 65536, 65537, 128256])
 def test_packed_ids_round_trip(vocab):
     ids = torch.randint(0, vocab, (5, 7))

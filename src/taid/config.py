@@ -481,6 +481,18 @@ def to_dict(config: Config) -> dict[str, Any]:
     return out
 
 
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key (depth first, in the order of ``b``'s keys, then keys only in
+    ``a``) whose values in two nested dicts differ, as ``(key, value in a, value in b)``; None
+    when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*b, *(k for k in a if k not in b)]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
 def dump(config: Config) -> str:
     """The resolved config as YAML."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)

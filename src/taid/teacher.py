@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ from taid import chunked as C
 from taid import data as D
 from taid import models as M
 from taid.config import Config, ConfigError
+from taid.config import first_difference as config_difference
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -194,18 +195,10 @@ _HINTS = {
 def first_difference(cached: dict[str, Any], run: dict[str, Any]
                      ) -> tuple[str, Any, Any] | None:
     """The first field of ``run`` that differs from ``cached`` as ``(dotted name, cached
-    value, run value)``; fields set to ``None`` in ``run`` are not compared."""
-    for key, want in run.items():
-        if key in _INFORMATIONAL or want is None:
-            continue
-        have = cached.get(key)
-        if isinstance(want, dict) and isinstance(have, dict):
-            for sub, value in want.items():
-                if have.get(sub) != value:
-                    return f"{key}.{sub}", have.get(sub), value
-        elif have != want:
-            return key, have, want
-    return None
+    value, run value)``; fields set to ``None`` in ``run`` and informational fields are not
+    compared."""
+    compared = {k: v for k, v in run.items() if k not in _INFORMATIONAL and v is not None}
+    return config_difference({k: cached.get(k) for k in compared}, compared)
 
 
 def compare(cached: dict[str, Any], run: dict[str, Any], where: str) -> None:
@@ -250,25 +243,66 @@ def teacher_rows(teacher: torch.nn.Module, batch: dict[str, Tensor], mode: str, 
     chunk = C.default_chunk_size(n, vocab_size, valid.device)
     parts: dict[str, list[Tensor]] = {name: [] for name in STORED[mode]}
     nbytes = id_bytes(vocab_size)
+    raw = _raw_rows(source, vocab_size)
     for start in range(0, n, chunk):
-        z = _raw_rows(source, slice(start, min(start + chunk, n)), vocab_size)
+        z = raw(slice(start, min(start + chunk, n)))
         _check_finite(z, batch)
         if mode == "full":
             parts["logits"].append(z.to(dtype))
         else:
-            top = torch.log_softmax(z, -1).topk(min(k, vocab_size), dim=-1)
-            parts["log_probs"].append(top.values.to(dtype))
-            parts["ids"].append(pack_ids(top.indices, nbytes))
+            values, ids = canonical_topk(torch.log_softmax(z, -1), min(k, vocab_size))
+            parts["log_probs"].append(values.to(dtype))
+            parts["ids"].append(pack_ids(ids, nbytes))
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
-def _raw_rows(source: C.TeacherSource, rows: slice, width: int) -> Tensor:
-    # The sources replace -inf by a large negative stand-in; -inf never occurs in real teacher
-    # logits, NaN and +inf are caught below.
-    if isinstance(source, C.LinearTeacher):
-        bias = None if source.bias is None else source.bias[:width]
-        return F.linear(source.hidden[rows], source.weight[:width], bias).float()
-    return source.logits[rows, :width].float()  # type: ignore[attr-defined]
+def canonical_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``x`` (shape ``(n, V)``), ordered by value
+    (largest first) and, among equal values, by id (smallest first); of the entries tied at the
+    k-th value, the smallest ids are kept.
+
+    ``torch.topk`` leaves both choices to the kernel, and they change with the number of
+    threads, so the same teacher would write different bytes on different machines or with a
+    different number of processes. This order depends on the values alone.
+
+    Returns:
+        ``(values, ids)``, each of shape ``(n, k)``; ``ids`` is int64.
+    """
+    values, ids = x.topk(k, dim=-1)
+    # Rows whose k-th value is tied with an entry left out: the kernel chose among the ties;
+    # a stable sort of the whole row chooses the smallest ids instead (rare, so cheap).
+    boundary = (x >= values[:, -1:]).sum(-1) > k
+    if boundary.any():
+        rows = boundary.nonzero().squeeze(1)
+        full_values, full_ids = x[rows].sort(dim=-1, descending=True, stable=True)
+        values[rows], ids[rows] = full_values[:, :k], full_ids[:, :k]
+    # Within the chosen set: by id, then (stably) by value, so equal values are in id order.
+    ids, by_id = ids.sort(dim=-1)
+    values = values.gather(-1, by_id)
+    values, by_value = values.sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, by_value)
+
+
+def _raw_rows(source: C.TeacherSource, width: int) -> Callable[[slice], Tensor]:
+    """A function giving float32 teacher logits for a slice of rows, the same bytes however
+    many threads or processes compute them.
+
+    On CPU, BLAS libraries (MKL) choose their blocking by the thread count, so a float32
+    product of a few rows with the output layer can differ in its last bits between one and two
+    threads; formed in float64 and rounded to float32, it does not (barring a tie at a rounding
+    boundary, about one value in 2^29). The sources replace -inf by a large negative stand-in;
+    -inf never occurs in real teacher logits, and NaN and +inf are reported by the caller.
+    """
+    if not isinstance(source, C.LinearTeacher):
+        logits = source.logits  # type: ignore[attr-defined]
+        return lambda rows: logits[rows, :width].float()
+    hidden, weight = source.hidden, source.weight[:width]
+    bias = None if source.bias is None else source.bias[:width]
+    if hidden.device.type != "cpu":
+        return lambda rows: F.linear(hidden[rows], weight, bias).float()
+    weight64 = weight.double()
+    bias64 = None if bias is None else bias.double()
+    return lambda rows: F.linear(hidden[rows].double(), weight64, bias64).float()
 
 
 def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
