@@ -157,7 +157,7 @@ def run_one(plan: dict[str, Any], out: Path, overrides: list[str], *, keep_final
     prompts, refs = prompts_and_references(s.eval_examples, s.tokenizer, gen["prompts"])
     answers = greedy_answers(s.accelerator.unwrap_model(s.student), s.tokenizer, prompts,
                              gen["max_new_tokens"])
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = TR.read_metrics(out / "metrics.jsonl")
     summary = {
         "overrides": overrides, "wall_s": wall, "steps": result["steps"],
         "kl": result["after"].get("eval/kl_teacher_student"),

@@ -34,10 +34,15 @@ def train_main(argv: list[str] | None = None) -> int:
     from taid.report import print_report
     from taid.trainer import train
 
+    from taid.checkpoint import CheckpointError
+
     try:
         result = train(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
     if result["is_main_process"]:
         print_report(result)

@@ -22,20 +22,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from taid import checkpoint as CK
 from taid import chunked as C
 from taid import data as D
 from taid import models as M
 from taid import teacher as T
-from taid.config import Config, ConfigError, dump, to_dict
+from taid.config import Config, ConfigError, dump, first_difference, to_dict
 from taid.functional import resolve_vocab
 from taid.losses import DistillationLoss, build_loss
 
-CHECKPOINT_PREFIX = "step-"
-COMPLETE_MARKER = "COMPLETE"
-_IGNORED_CONFIG_KEYS = {("resume",), ("overwrite",), ("log",), ("train", "eval_every"),
-                        ("train", "eval_batches"), ("train", "save_every"),
-                        ("train", "keep_checkpoints"), ("train", "log_every"),
-                        ("train", "num_workers"), ("cache", "overwrite"),
+# Keys that do not change what a run computes: a run may be resumed with other values, and
+# from another place (a moved or copied output_dir).
+_IGNORED_CONFIG_KEYS = {("output_dir",), ("resume",), ("overwrite",), ("log",),
+                        ("train", "eval_every"), ("train", "eval_batches"),
+                        ("train", "save_every"), ("train", "keep_checkpoints"),
+                        ("train", "log_every"), ("train", "num_workers"),
+                        ("teacher", "cache_dir"), ("cache", "overwrite"),
                         ("cache", "batch_size")}
 
 
@@ -57,103 +59,102 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (the format is in taid.checkpoint)
 # --------------------------------------------------------------------------------------------
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in ``output_dir/checkpoints``, oldest first."""
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return CK.list_checkpoints(output_dir / "checkpoints")
 
 
-def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(config_dict))
+def run_identity(config: Config) -> dict[str, Any]:
+    """What a checkpoint records of its run, compared on resume: the config without the keys
+    that do not change the result (:data:`_IGNORED_CONFIG_KEYS`)."""
+    out = json.loads(json.dumps(to_dict(config)))
     for path in _IGNORED_CONFIG_KEYS:
         node = out
         for part in path[:-1]:
             node = node.get(part, {})
         node.pop(path[-1], None)
-    return out
+    return {"config": out}
+
+
+def _check_same_run(checkpoint: Path, config: Config) -> None:
+    saved = CK.manifest_of(checkpoint).get("run", {}).get("config")
+    now = run_identity(config)["config"]
+    if saved != now:
+        raise ConfigError(
+            f"checkpoint {checkpoint} was written by a run with a different config "
+            f"({_describe(first_difference(saved, now))}); resume with the same settings, use another "
+            f"output_dir, or overwrite=true to start over")
+
+
+def _describe(diff: tuple[str, Any, Any] | None) -> str:
+    if diff is None:
+        return "no difference"
+    key, saved, now = diff
+    return f"{key}: saved {saved!r}, now {now!r}"
 
 
 def check_output_dir(config: Config) -> Path | None:
-    """Refuse to mix runs in one output_dir; return the checkpoint to resume from, if any."""
+    """Refuse to mix runs in one output_dir; return the checkpoint to resume from, if any.
+
+    Every process calls it before any model is built, so that a refusal costs nothing.
+    """
     out = Path(config.output_dir)
-    found = checkpoints(out)
-    saved = out / "config.yaml"
+    root = out / "checkpoints"
+    CK.recover(out)
+    CK.recover(root)
     if config.resume not in ("auto", False):
         path = Path(str(config.resume))
-        if not (path / COMPLETE_MARKER).is_file():
-            raise ConfigError(f"resume: {str(path)!r} is not a complete checkpoint directory")
+        _check_same_run(path, config)
         return path
+    found = sorted((p for p in root.iterdir() if p.is_dir() and CK.step_of(p) is not None),
+                   key=lambda p: CK.step_of(p) or 0) if root.is_dir() else []
     if not found:
         return None
     if config.overwrite:
-        shutil.rmtree(out / "checkpoints")
+        shutil.rmtree(root, ignore_errors=True)
         return None
     if config.resume is False:
         raise ConfigError(f"output_dir {str(out)!r} already holds checkpoints; use resume=auto "
                           f"to continue, another output_dir, or overwrite=true to start over")
-    import yaml
-
-    if saved.is_file():
-        before = _comparable(yaml.safe_load(saved.read_text()))
-        now = _comparable(to_dict(config))
-        if before != now:
-            diff = _first_difference(before, now)
-            raise ConfigError(
-                f"output_dir {str(out)!r} holds checkpoints of a run with a different config "
-                f"({diff}); use another output_dir, or overwrite=true to start over")
-    return found[-1]
+    complete = [p for p in found if CK.is_complete(p)]
+    if not complete:
+        CK.verify(found[-1])  # raises why: an old format, or incomplete
+    _check_same_run(complete[-1], config)
+    return complete[-1]
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"
+def save_checkpoint(s: Setup, state: TrainState) -> Path:
+    """Write ``output_dir/checkpoints/step-N`` (atomic, checksummed; see taid.checkpoint) and
+    keep the newest ``train.keep_checkpoints``."""
+    return CK.save(s.accelerator, Path(s.config.output_dir) / "checkpoints", state.step,
+                   model=s.student, optimizer=s.optimizer, scheduler=s.scheduler,
+                   loss=s.loss_fn, train_state=state.state_dict(),
+                   run=run_identity(s.config), keep=s.config.train.keep_checkpoints)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temporary directory, marker, rename) and keep
-    the newest ``keep``."""
-    root = output_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator: Any, path: Path, output_dir: Path) -> Path:
-    """Load ``path``; if it is corrupt, fall back to older complete checkpoints."""
-    candidates = [path] + [p for p in reversed(checkpoints(output_dir)) if p != path]
+def load_checkpoint(s: Setup, path: Path, state: TrainState) -> Path:
+    """Restore ``path`` into the setup and ``state``. With ``resume=auto``, a checkpoint that
+    fails its checks falls back to older complete ones, loudly; when none loads, stop."""
+    acc = s.accelerator
+    candidates = [path]
+    if s.config.resume == "auto":
+        candidates += [p for p in reversed(checkpoints(Path(s.config.output_dir))) if p != path]
     errors = []
     for candidate in candidates:
         try:
-            accelerator.load_state(str(candidate))
+            state.load_state_dict(CK.load(acc, candidate, model=s.student,
+                                          optimizer=s.optimizer, scheduler=s.scheduler,
+                                          loss=s.loss_fn))
             return candidate
-        except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt"
-            errors.append(f"{candidate}: {type(e).__name__}: {e}")
-            accelerator.print(f"warning: checkpoint {candidate} could not be loaded ({e}); "
-                              f"trying an older one")
-    raise RuntimeError("no checkpoint could be loaded:\n" + "\n".join(errors))
+        except (CK.CheckpointError, RuntimeError, ValueError, KeyError, OSError) as e:
+            errors.append(f"{candidate}: {e}")
+            acc.print(f"warning: checkpoint {candidate} could not be loaded ({e})"
+                      + ("; trying an older one" if candidate != candidates[-1] else ""))
+    raise CK.CheckpointError(
+        "no checkpoint could be loaded, so the run stops instead of starting again from step "
+        "0:\n" + "\n".join(errors) + "\nuse overwrite=true to start over")
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +399,6 @@ def build(config: Config) -> Setup:
             teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         else:  # frozen and replicated: just moved (and kept out of the checkpoints)
             teacher = teacher.to(accelerator.device)
-    accelerator.register_for_checkpointing(loss_fn)
     return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
                  train_examples, eval_examples, vocab_size, optimizer, scheduler, cache)
 
@@ -414,7 +414,6 @@ def train(config: Config) -> dict[str, Any]:
     acc, cfg = s.accelerator, config.train
     optimizer, scheduler = s.optimizer, s.scheduler
     state = TrainState()
-    acc.register_for_checkpointing(state)
     stream = D.BatchStream(s.train_examples, cfg.batch_size, seed=config.seed,
                            pad_id=s.tokenizer.pad_token_id, packed=config.data.packing,
                            rank=acc.process_index, world_size=acc.num_processes)
@@ -423,9 +422,11 @@ def train(config: Config) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump(config))
     if resume_from is not None:
-        loaded = load_checkpoint(acc, resume_from, out_dir)
+        loaded = load_checkpoint(s, resume_from, state)
         stream.load_state_dict(state.data)
         acc.print(f"resumed from {loaded} at step {state.step}")
+    if acc.is_main_process:  # rows after the checkpoint (or all, from step 0) are redone
+        restart_metrics(out_dir, state.step)
     acc.init_trackers(config.log.project, config=_flat(to_dict(config)))
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -521,7 +522,7 @@ def train(config: Config) -> dict[str, Any]:
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             _log(acc, metrics_path, {"step": state.step, **evaluate(s)})
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-            save_checkpoint(acc, out_dir, state.step, cfg.keep_checkpoints)
+            save_checkpoint(s, state)
     if progress is not None:
         progress.close()
 
@@ -530,19 +531,59 @@ def train(config: Config) -> dict[str, Any]:
     for row, prompt in zip(samples, prompts):
         row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
                                       config.log.sample_tokens)
-    save_checkpoint(acc, out_dir, state.step, cfg.keep_checkpoints)
-    final_dir = out_dir / "final"
-    acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(s.student)
-    unwrapped.save_pretrained(final_dir, is_main_process=acc.is_main_process,
-                              save_function=acc.save, state_dict=acc.get_state_dict(s.student))
+    save_checkpoint(s, state)
+    final_dir = save_final(s, state.step)
     if acc.is_main_process:
-        s.tokenizer.save_pretrained(final_dir)
         if config.log.plot:
             plot_history(state.history, out_dir / "loss_and_t.png")
     acc.end_training()
     return {"before": before, "after": after, "steps": state.step, "final_dir": str(final_dir),
             "samples": samples, "is_main_process": acc.is_main_process, "setup": s}
+
+
+def save_final(s: Setup, step: int) -> Path:
+    """The trained student and tokenizer in ``output_dir/final`` (``from_pretrained`` loads
+    it), written under a temporary name with a checksummed manifest and then renamed, so that
+    ``final`` is either the complete new student or the previous one."""
+    acc = s.accelerator
+    out_dir = Path(s.config.output_dir)
+    final_dir, tmp = out_dir / "final", out_dir / ".tmp-final"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(s.student)
+    unwrapped.save_pretrained(tmp, is_main_process=acc.is_main_process,
+                              save_function=acc.save, state_dict=acc.get_state_dict(s.student))
+    if acc.is_main_process:
+        s.tokenizer.save_pretrained(tmp)
+        CK.write_manifest(tmp, step)
+        CK.publish(tmp, final_dir)
+    acc.wait_for_everyone()
+    return final_dir
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``; a line cut short by a kill is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+def restart_metrics(out_dir: Path, step: int) -> None:
+    """Make ``metrics*.jsonl`` hold the rows of this run up to ``step`` only: a resumed run
+    rewrites the steps after its checkpoint, and a run from step 0 starts new files."""
+    for path in sorted(out_dir.glob("metrics*.jsonl")):
+        rows = [r for r in read_metrics(path) if step > 0 and r["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
 
 
 def sample_prompts(examples: list[D.Example], n: int) -> list[list[int]]:
