@@ -247,6 +247,28 @@ def _stamps(root: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("shard-*")}
 
 
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_rerunning_the_writer_rewrites_a_corrupted_shard(tmp_path, where):
+    cfg = written(tmp_path)
+    root = Path(cfg.teacher.cache_dir)
+    manifest = json.loads((root / T.MANIFEST).read_text())
+    shard = root / "shard-00001.safetensors"
+    original = shard.read_bytes()
+    data = bytearray(original)
+    # a byte of the last tensor's data, or of the JSON header (after its 8-byte length)
+    offset = len(data) - 7 if where == "data" else 8 + 40
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = _stamps(root)
+    T.write_cache(cfg)  # the rerun must not stamp the flipped byte as valid
+    after = _stamps(root)
+    assert after["shard-00001.safetensors"] != before["shard-00001.safetensors"]  # rewritten
+    assert after["shard-00000.safetensors"] == before["shard-00000.safetensors"]  # kept
+    assert shard.read_bytes() == original
+    assert json.loads((root / T.MANIFEST).read_text())["shards"] == manifest["shards"]
+    T.TeacherCache(root)  # verifies every shard against the manifest
+
+
 def test_an_interrupted_write_resumes_and_keeps_finished_shards(tmp_path, monkeypatch):
     cfg = config(tmp_path)
     real = T._atomic_save

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from taid import checkpoint as CK
 from taid import chunked as C
 from taid import data as D
 from taid import models as M
@@ -317,28 +318,48 @@ def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
 # Writing
 # --------------------------------------------------------------------------------------------
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, Any]) -> None:
+    """Write a safetensors file under a temporary name and rename it; ``metadata`` gets the
+    SHA-256 of the tensors' contents (``tensors_sha256``), so that a file kept by a later run
+    of the writer can be checked before it is trusted."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**metadata, "tensors_sha256": _tensors_sha256(tensors)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # One metadata key: safetensors writes several in no fixed order, and equal shards should
     # be equal files.
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"taid": json.dumps(metadata, sort_keys=True)})
+    save_file(tensors, str(tmp), metadata={"taid": json.dumps(metadata, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _intact(path: Path, expected: dict[str, Any]) -> bool:
+    """Whether ``path`` is a file written with ``expected`` metadata whose tensors still have
+    the contents it was written with (a flipped byte, a truncation: False, so it is rewritten)."""
+    from safetensors.torch import load_file
+
+    meta = _shard_metadata(path)
+    if meta is None or {k: v for k, v in meta.items() if k != "tensors_sha256"} != expected:
+        return False
+    try:
+        return _tensors_sha256(load_file(str(path))) == meta.get("tensors_sha256")
+    except Exception:  # noqa: BLE001 - unreadable means "write it again"
+        return False
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_name(j: int) -> str:
@@ -429,8 +450,8 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     for j in mine:
         first = j * per_shard
         count = min(per_shard, len(examples) - first)
-        meta = _shard_metadata(root / _shard_name(j))
-        if meta != {"identity": key, "first_example": first, "num_examples": count}:
+        expected = {"identity": key, "first_example": first, "num_examples": count}
+        if not _intact(root / _shard_name(j), expected):
             todo.append((j, first, count))
     batch_size = config.cache.batch_size or config.train.batch_size
     total = sum(len(ex.input_ids) for j, first, count in todo
@@ -479,13 +500,13 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
             shards.append({"file": path.name, "first_example": first,
                            "num_examples": offsets.numel() - 1,
                            "num_rows": int(offsets[-1]), "bytes": path.stat().st_size,
-                           "sha256": _file_sha256(path)})
+                           "sha256": CK.file_sha256(path)})
         manifest = {**ident, "identity": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "examples_per_shard": per_shard, "id_bytes": id_bytes(vocab),
                     "hidden_size": teacher.config.hidden_size, "shards": shards}
         if mode == "hidden":
             manifest["head"] = {"file": HEAD, "bytes": (root / HEAD).stat().st_size,
-                                "sha256": _file_sha256(root / HEAD)}
+                                "sha256": CK.file_sha256(root / HEAD)}
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     acc.wait_for_everyone()
     return root
@@ -575,7 +596,7 @@ class TeacherCache:
 
     def _verified(self, entry: dict[str, Any]) -> Path:
         path = self.root / entry["file"]
-        if self.verify and _file_sha256(path) != entry["sha256"]:
+        if self.verify and CK.file_sha256(path) != entry["sha256"]:
             raise CacheError(f"teacher cache {self.root}: {entry['file']} is corrupt (its SHA-256 "
                              f"differs from the manifest's); delete it and rerun "
                              f"taid-cache-teacher with the same config to write it again")
