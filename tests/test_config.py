@@ -121,3 +121,10 @@ def test_yaml_1_1_exponent_without_dot_is_a_number(tmp_path):
     assert config.train.lr == 1e-4
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
         load_config(write(tmp_path, BASE), ["train.lr=fast"])
+
+
+def test_garbled_yaml_is_named_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 0\nteacher: {a: 1\n  b: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:\d+: not valid YAML"):
+        load_config(path)
