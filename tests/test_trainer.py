@@ -268,3 +268,52 @@ def test_packed_training_runs_and_counts_the_same_targets(tmp_path):
             expected += sum(ex.targets[start + 1:start + length])
             start += length
     assert int((packed["labels"] != -100).sum()) == expected
+
+
+HANGING_RANK = """
+import sys, time, torch
+from taid import models as M
+acc = M.make_accelerator(int(sys.argv[1]))
+if acc.process_index == 1:
+    time.sleep(300)  # hangs instead of joining the all-reduce
+    sys.exit(0)
+start = time.time()
+try:
+    acc.reduce(torch.ones(1), reduction="sum")
+except Exception as e:
+    print(f"rank 0 stopped waiting after {time.time() - start:.0f} s: {type(e).__name__}")
+    sys.exit(3)
+print("rank 0 was not stopped")
+"""
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_stops_the_others_after_the_collective_timeout(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_RANK)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), str(script), "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    waited = int(proc.stdout.split("after ")[1].split(" s")[0])
+    assert waited < 60
+    assert proc.returncode != 0
+
+
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
+    from accelerate.utils import InitProcessGroupKwargs
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr("accelerate.Accelerator", Recorder)
+    from taid import models as M
+
+    M.make_accelerator(42)
+    (handler,) = seen["kwargs_handlers"]
+    assert isinstance(handler, InitProcessGroupKwargs) and handler.timeout.total_seconds() == 42
+    cfg = smoke(Path("/nonexistent"), "train.collective_timeout_s=42")
+    assert cfg.train.collective_timeout_s == 42

@@ -173,6 +173,9 @@ class TrainConfig:
     """Log to the JSONL file and trackers every N steps."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    collective_timeout_s: int = 1800
+    """Seconds a process waits in a collective (all-reduce, barrier) for the others before
+    it fails; a rank that hangs then stops the run instead of blocking it forever."""
 
 
 @dataclass

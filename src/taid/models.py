@@ -167,6 +167,18 @@ def distributed_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def make_accelerator(timeout_s: int, **kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` for this launch: the CPU process group when there is no
+    CUDA (:func:`distributed_cpu`), and a collective timeout of ``timeout_s`` seconds."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    return Accelerator(cpu=distributed_cpu(), kwargs_handlers=handlers, **kwargs)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer from a hub id, local directory or built-in name; a pad token is ensured."""
     from transformers import AutoTokenizer

@@ -388,7 +388,6 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         CacheError: the directory holds a cache with other settings (unless
             ``cache.overwrite``), or the teacher's output layer does not allow the mode.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if not config.teacher.cache_dir:
@@ -397,7 +396,7 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         raise ConfigError("teacher.name_or_path (or teacher.architecture) is required to "
                           "write a teacher cache")
     root = Path(config.teacher.cache_dir)
-    acc = Accelerator(cpu=M.distributed_cpu())
+    acc = M.make_accelerator(config.train.collective_timeout_s)
     set_seed(config.seed)  # a teacher built from an architecture gets the trainer's weights
     tokenizer = M.run_tokenizer(config)
     train, held = D.load_examples(config.data, tokenizer)

@@ -278,14 +278,13 @@ def evaluate(s: Setup) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 def build(config: Config) -> Setup:
     """Accelerator, models, tokenizer, data and loss, with every check before training."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     trackers = config.log.trackers
     if trackers is None:
         trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    accelerator = Accelerator(
-        cpu=M.distributed_cpu(),
+    accelerator = M.make_accelerator(
+        config.train.collective_timeout_s,
         # The LR schedule counts optimizer steps; accelerate would otherwise step it once per
         # process each step (it assumes a per-process sharded dataloader).
         step_scheduler_with_optimizer=False,
