@@ -138,12 +138,14 @@ def test_missing_data_file_fails_before_any_model_is_loaded(tmp_path, monkeypatc
 def test_empty_dataset(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(ConfigError, match="no usable examples"):
+    with pytest.raises(ConfigError, match="dropped 1 of 1 examples: 1 with no target token"):
         T.train(smoke(tmp_path, f"data.path={empty}"))
+    with pytest.raises(ConfigError, match="no usable examples"):
+        T.train(smoke(tmp_path, f"data.path={empty}", "data.max_dropped_fraction=1"))
 
 
 def test_too_long_without_truncation(tmp_path):
-    with pytest.raises(ConfigError, match=r"example \d+ has \d+ tokens, more than "
+    with pytest.raises(ConfigError, match=r"quickstart.jsonl:\d+ has \d+ tokens, more than "
                                           r"data.max_length=16"):
         T.train(smoke(tmp_path, "data.max_length=16", "data.truncation=false"))
 
@@ -317,3 +319,53 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     assert isinstance(handler, InitProcessGroupKwargs) and handler.timeout.total_seconds() == 42
     cfg = smoke(Path("/nonexistent"), "train.collective_timeout_s=42")
     assert cfg.train.collective_timeout_s == 42
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP for real: two CPU processes, accelerate's FSDP2 preparation (tests/fsdp_cpu.py)
+# --------------------------------------------------------------------------------------------
+def launch(script: Path, out: Path, *overrides: str, env: dict | None = None):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), str(script),
+           "--config", str(SMOKE), f"output_dir={out}", "train.batch_size=2",
+           "train.save_every=2", "train.keep_checkpoints=3", "log.trackers=[]", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})},
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes_to_the_same_weights(tmp_path):
+    fsdp = ROOT / "tests" / "fsdp_cpu.py"
+    ddp = launch(ROOT / "scripts" / "train.py", tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    full = launch(fsdp, tmp_path / "fsdp")
+    assert full.returncode == 0, full.stderr[-3000:]
+    a = [r for r in metrics(tmp_path / "ddp") if "loss" in r]
+    b = [r for r in metrics(tmp_path / "fsdp") if "loss" in r]
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4) and ra["t"] == rb["t"]
+    wa, wb = weights(tmp_path / "ddp" / "final"), weights(tmp_path / "fsdp" / "final")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5, msg=key)
+    # The student alone is saved (never the teacher), its tied output layer stored once.
+    assert "lm_head.weight" not in wb
+    ckpt = weights(T.checkpoints(tmp_path / "fsdp")[-1])
+    assert ckpt.keys() == wb.keys()
+
+    crashed = launch(fsdp, tmp_path / "resumed", env={"TAID_TEST_CRASH_AT_STEP": "5"})
+    assert crashed.returncode != 0
+    assert [p.name for p in T.checkpoints(tmp_path / "resumed")][-1] == "step-00000004"
+    resumed = launch(fsdp, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    wr = weights(tmp_path / "resumed" / "final")
+    for key in wb:
+        assert torch.equal(wb[key], wr[key]), key
+
+
+def test_a_requested_mode_that_accelerate_does_not_run_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asks for FSDP, but accelerate runs NO here"):
+        T.build(smoke(tmp_path))

@@ -304,6 +304,42 @@ def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return tensors, aliases
 
 
+def full_state_dicts(model: torch.nn.Module, optimizer: Any = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The model's (and optimizer's) full, unsharded state dicts on the main process (empty
+    elsewhere under FSDP), on CPU; a collective under FSDP, so every process calls it.
+
+    Parameters tied in the model (input and output embeddings) are the same tensor in the
+    result, whatever the wrapper gathered, so that savers store them once and keep them tied.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        model_state, optim_state = get_model_state_dict(model, options=options), {}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    names: dict[int, list[str]] = {}
+    for name, param in _unwrapped(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in names.values():
+        present = [n for n in group if n in model_state]
+        for alias in present[1:]:
+            model_state[alias] = model_state[present[0]]
+    return model_state, optim_state
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP (or similar ``.module``) wrapper; FSDP2 shards in place."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def save(acc: Any, root: Path, step: int, *, model: torch.nn.Module, optimizer: Any,
          scheduler: Any, loss: torch.nn.Module, train_state: Mapping[str, Any],
          run: Mapping[str, Any], keep: int) -> Path:
@@ -315,12 +351,10 @@ def save(acc: Any, root: Path, step: int, *, model: torch.nn.Module, optimizer: 
     in the manifest and compared on resume (:func:`manifest_of`). Keeps the newest ``keep``.
     """
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)  # collective
+    model_state, optim_state = full_state_dicts(model, optimizer)  # a collective under FSDP
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

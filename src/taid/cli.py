@@ -31,10 +31,9 @@ def train_main(argv: list[str] | None = None) -> int:
                                "train.max_steps=20 loss.name=fkl", argv)
     if config is None:
         return 2
+    from taid.checkpoint import CheckpointError
     from taid.report import print_report
     from taid.trainer import train
-
-    from taid.checkpoint import CheckpointError
 
     try:
         result = train(config)

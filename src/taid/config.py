@@ -120,6 +120,9 @@ class DataConfig:
     """Stream the dataset instead of downloading it whole (hub datasets)."""
     max_examples: int | None = None
     """Use at most this many training examples."""
+    max_dropped_fraction: float = 0.1
+    """Examples without a target token (no response, or a prompt that fills ``max_length``)
+    are dropped and reported; more than this fraction of them stops the run."""
 
 
 @dataclass
@@ -421,6 +424,10 @@ def validate(config: Config) -> None:
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.save_every", t.save_every, allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints)
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+    if not 0.0 <= config.data.max_dropped_fraction <= 1.0:
+        raise ConfigError(f"data.max_dropped_fraction must be in [0, 1], got "
+                          f"{config.data.max_dropped_fraction}")
     _positive("train.log_every", t.log_every)
     _positive("train.max_grad_norm", t.max_grad_norm)
     _positive("data.max_length", config.data.max_length)

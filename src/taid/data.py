@@ -12,8 +12,10 @@ never crosses examples.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+logger = logging.getLogger("taid")
 _LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
                   ".csv": "csv"}
 
@@ -52,24 +55,91 @@ def _is_local(path: str) -> bool:
         or path.startswith((".", "/", "~"))
 
 
-def load_rows(cfg: DataConfig, split: str) -> Any:
-    """A ``datasets`` dataset of raw rows from a local file or the hub."""
+Rows = Iterable[tuple[str, dict[str, Any]]]
+"""Raw rows, each with where it came from (``file:line`` or ``dataset example N``, 1-based), so
+that an error names the row to fix."""
+
+
+def load_rows(cfg: DataConfig, split: str) -> Rows:
+    """The raw rows of a local file or a hub dataset.
+
+    JSON Lines and JSON files are read here, so that a bad byte or a malformed line is named by
+    its 1-based line; other files and hub datasets go through ``datasets``.
+    """
+    if not _is_local(cfg.path):
+        import datasets
+
+        rows = datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=cfg.streaming)
+        return ((f"{cfg.path} example {i}", row) for i, row in enumerate(rows, 1))
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.path: file {str(path)!r} does not exist")
+    builder = _LOCAL_LOADERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"data.path: unsupported file type {path.suffix!r}; use one of "
+                          f"{', '.join(_LOCAL_LOADERS)}")
+    if split != "train":
+        raise ConfigError(f"data.eval_split={split!r}: a local file has one split; use "
+                          f"data.eval_size to hold out examples")
+    data = path.read_bytes()
+    if not data.strip():
+        raise ConfigError(f"data.path {str(path)!r}: the file is empty")
+    if path.suffix.lower() == ".jsonl":
+        return list(_json_lines(path, data))
+    text = _utf8(path, data)
+    if path.suffix.lower() == ".json":
+        return _json_file(path, text)
     import datasets
 
-    if _is_local(cfg.path):
-        path = Path(cfg.path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.path: file {str(path)!r} does not exist")
-        builder = _LOCAL_LOADERS.get(path.suffix.lower())
-        if builder is None:
-            raise ConfigError(f"data.path: unsupported file type {path.suffix!r}; use one of "
-                              f"{', '.join(_LOCAL_LOADERS)}")
-        if split != "train":
-            raise ConfigError(f"data.eval_split={split!r}: a local file has one split; use "
-                              f"data.eval_size to hold out examples")
-        return datasets.load_dataset(builder, data_files=str(path), split="train",
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train",
                                      streaming=cfg.streaming)
-    return datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=cfg.streaming)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"data.path {str(path)!r}: could not be read as {builder} "
+                          f"({type(e).__name__}: {first})") from None
+    return ((f"{path} row {i}", row) for i, row in enumerate(rows, 1))
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                          f"column {column}); save the file as UTF-8") from None
+
+
+def _json_lines(path: Path, data: bytes) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                              f"{e.start + 1}); save the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each "
+                              f"line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: a JSON {type(row).__name__}, not an object; each line "
+                              f"must be one JSON object such as {{\"messages\": [...]}}")
+        yield where, row
+
+
+def _json_file(path: Path, text: str) -> Rows:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                          ) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path}: a .json file must hold a list of objects (one per example);"
+                          f" for one object per line name the file .jsonl")
+    return [(f"{path} example {i}", row) for i, row in enumerate(rows, 1)]
 
 
 def detect_format(columns: list[str], cfg: DataConfig) -> str:
@@ -104,12 +174,28 @@ def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
     return list(out)
 
 
+def check_messages(messages: Any) -> None:
+    """Raise ValueError naming what is wrong with a list of chat turns."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else f"a {type(messages).__name__}"
+        raise ValueError(f"the chat turns must be a non-empty list of {{\"role\", \"content\"}} "
+                         f"objects, got {got}")
+    for j, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise ValueError(f"turn {j} is a {type(message).__name__}, not an object with "
+                             f"\"role\" and \"content\"")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"turn {j} has no {key!r} (it has {sorted(message)})")
+        if not isinstance(message["role"], str):
+            raise ValueError(f"turn {j}: 'role' must be a string, got {message['role']!r}")
+
+
 def tokenize_messages(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
                       response_only: bool) -> Example:
     """Render chat turns with the tokenizer's template; targets are the assistant turns (with
     their end-of-turn tokens), or everything."""
-    if not messages:
-        raise ValueError("an example has no messages")
+    check_messages(messages)
     ids = _chat_ids(tok, messages, add_generation_prompt=False)
     if not response_only:
         return Example(ids, [1] * len(ids))
@@ -157,37 +243,85 @@ def shift_labels(ids: list[int], targets: list[int]) -> list[int]:
     return labels + [IGNORE_INDEX]
 
 
-def fit_length(example: Example, cfg: DataConfig, index: int) -> Example:
+def fit_length(example: Example, cfg: DataConfig, where: str) -> Example:
+    """``example`` cut to ``data.max_length`` tokens (or an error naming ``where``, when
+    truncation is off)."""
     if len(example.input_ids) <= cfg.max_length:
         return example
     if not cfg.truncation:
         raise ConfigError(
-            f"example {index} has {len(example.input_ids)} tokens, more than data.max_length="
+            f"{where} has {len(example.input_ids)} tokens, more than data.max_length="
             f"{cfg.max_length}, and data.truncation is false; raise max_length or allow "
             f"truncation")
     n = cfg.max_length
     return Example(example.input_ids[:n], example.targets[:n])
 
 
-def tokenize_dataset(rows: Any, tok: PreTrainedTokenizerBase, cfg: DataConfig,
+def tokenize_dataset(rows: Rows, tok: PreTrainedTokenizerBase, cfg: DataConfig,
                      limit: int | None = None) -> list[Example]:
-    """Tokenize every row (or the first ``limit``), check lengths; examples without any target
-    token are dropped."""
-    columns = list(rows.column_names) if getattr(rows, "column_names", None) else None
+    """Tokenize every row (or the first ``limit``) and check lengths. Examples without any
+    target token (no response, or a prompt that fills ``max_length``) are dropped, counted and
+    reported; more than ``data.max_dropped_fraction`` of them stops the run.
+
+    Raises:
+        ConfigError: a row that cannot be tokenized, named by its file and line (or number).
+    """
     examples: list[Example] = []
     fmt = None
-    for i, row in enumerate(rows):
+    total = 0
+    dropped = {"no_target": 0, "truncated": 0}
+    for i, (where, row) in enumerate(rows):
         if limit is not None and i >= limit:
             break
+        total += 1
         if fmt is None:
-            fmt = detect_format(columns or list(row), cfg)
-        ex = fit_length(tokenize_row(row, fmt, tok, cfg), cfg, i)
-        if sum(ex.targets[1:]) > 0:
-            examples.append(ex)
+            fmt = detect_format(list(row), cfg)
+        try:
+            full = tokenize_row(row, fmt, tok, cfg)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a row the tokenizer or template rejects
+            raise ConfigError(f"{where}: cannot be tokenized as {fmt} data ({_reason(e, cfg)})"
+                              ) from None
+        if sum(full.targets[1:]) == 0:
+            dropped["no_target"] += 1
+            continue
+        ex = fit_length(full, cfg, where)
+        if sum(ex.targets[1:]) == 0:
+            dropped["truncated"] += 1
+            continue
+        examples.append(ex)
+    _report_dropped(cfg, total, dropped)
     if not examples:
         raise ConfigError(f"data.path {cfg.path!r}: no usable examples (empty dataset, or no "
                           f"target tokens after masking and truncation)")
     return examples
+
+
+def _reason(e: Exception, cfg: DataConfig) -> str:
+    if isinstance(e, KeyError):
+        return f"it has no field {e.args[0]!r}; set data.format and the data.*_field names"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if not isinstance(e, ValueError) else text
+
+
+def _report_dropped(cfg: DataConfig, total: int, dropped: dict[str, int]) -> None:
+    n = sum(dropped.values())
+    if not n:
+        return
+    parts = []
+    if dropped["no_target"]:
+        parts.append(f"{dropped['no_target']} with no target token (no assistant turn or "
+                     f"response, or an empty one)")
+    if dropped["truncated"]:
+        parts.append(f"{dropped['truncated']} whose prompt fills data.max_length="
+                     f"{cfg.max_length}")
+    message = f"data.path {cfg.path!r}: dropped {n} of {total} examples: {'; '.join(parts)}"
+    if n > cfg.max_dropped_fraction * total:
+        raise ConfigError(f"{message}; more than data.max_dropped_fraction="
+                          f"{cfg.max_dropped_fraction} of the data. Fix the data, raise "
+                          f"data.max_length, or raise data.max_dropped_fraction")
+    logger.warning(message)
 
 
 def load_examples(cfg: DataConfig, tok: PreTrainedTokenizerBase

@@ -179,6 +179,26 @@ def make_accelerator(timeout_s: int, **kwargs: Any) -> Any:
     return Accelerator(cpu=distributed_cpu(), kwargs_handlers=handlers, **kwargs)
 
 
+_REQUESTED_MODES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_distribution(accelerator: Any) -> None:
+    """Refuse a launch whose accelerate config asks for FSDP or DeepSpeed while accelerate runs
+    another mode: on CPU, accelerate falls back to plain data parallelism without a word, which
+    replicates the student and the teacher on every process instead of sharding them.
+
+    Raises:
+        ConfigError: naming the requested and the running mode.
+    """
+    running = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    for variable, mode in _REQUESTED_MODES.items():
+        if os.environ.get(variable, "false").lower() == "true" and running != mode:
+            raise ConfigError(
+                f"the accelerate config asks for {mode}, but accelerate runs {running} here "
+                f"(it shards models only on accelerators; on CPU it falls back to replicating "
+                f"them); on CPU use configs/accelerate/cpu_2proc.yaml, or run on GPUs")
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer from a hub id, local directory or built-in name; a pad token is ensured."""
     from transformers import AutoTokenizer

@@ -84,8 +84,8 @@ def _check_same_run(checkpoint: Path, config: Config) -> None:
     if saved != now:
         raise ConfigError(
             f"checkpoint {checkpoint} was written by a run with a different config "
-            f"({_describe(first_difference(saved, now))}); resume with the same settings, use another "
-            f"output_dir, or overwrite=true to start over")
+            f"({_describe(first_difference(saved, now))}); resume with the same settings, use "
+            f"another output_dir, or overwrite=true to start over")
 
 
 def _describe(diff: tuple[str, Any, Any] | None) -> str:
@@ -293,6 +293,11 @@ def build(config: Config) -> Setup:
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=str(Path(config.output_dir) / "logs")),
     )
+    M.check_distribution(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.train.save_every:
+        raise ConfigError("train.save_every: checkpoints are not supported under DeepSpeed (its "
+                          "engine keeps the optimizer state in its own pickled format, which "
+                          "taid never loads); set train.save_every=0, or use FSDP")
     set_seed(config.seed)
 
     tokenizer = M.run_tokenizer(config)
@@ -530,7 +535,8 @@ def train(config: Config) -> dict[str, Any]:
     for row, prompt in zip(samples, prompts):
         row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
                                       config.log.sample_tokens)
-    save_checkpoint(s, state)
+    if not _deepspeed(s):  # see build(): no checkpoints under DeepSpeed
+        save_checkpoint(s, state)
     final_dir = save_final(s, state.step)
     if acc.is_main_process:
         if config.log.plot:
@@ -538,6 +544,12 @@ def train(config: Config) -> dict[str, Any]:
     acc.end_training()
     return {"before": before, "after": after, "steps": state.step, "final_dir": str(final_dir),
             "samples": samples, "is_main_process": acc.is_main_process, "setup": s}
+
+
+def _deepspeed(s: Setup) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(s.accelerator.distributed_type == DistributedType.DEEPSPEED)
 
 
 def save_final(s: Setup, step: int) -> Path:
@@ -550,10 +562,12 @@ def save_final(s: Setup, step: int) -> Path:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(s.student)
-    unwrapped.save_pretrained(tmp, is_main_process=acc.is_main_process,
-                              save_function=acc.save, state_dict=acc.get_state_dict(s.student))
+    if _deepspeed(s):  # ZeRO-3 partitions parameters its own way; accelerate gathers them
+        state = acc.get_state_dict(s.student)
+    else:
+        state, _ = CK.full_state_dicts(s.student)  # a collective under FSDP
     if acc.is_main_process:
+        acc.unwrap_model(s.student).save_pretrained(tmp, state_dict=state)
         s.tokenizer.save_pretrained(tmp)
         CK.write_manifest(tmp, step)
         CK.publish(tmp, final_dir)
