@@ -7,7 +7,9 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: test demo venv clean
+LINTED := src tests scripts benchmarks examples experiments
+
+.PHONY: test test-fast lint demo venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +24,15 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q
+
+# The tests not marked slow: a few minutes, for the edit-test loop
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy
 
 demo: venv
 	$(PY) scripts/train.py --config configs/quickstart.yaml

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from taid import cache as T
 from taid import data as D
 from taid import functional as TF
-from taid import teacher as T
 from taid import trainer as TR
-from taid.chunked import LogitsTeacher, TopKTeacher
 from taid.config import load_config
+from taid.sources import LogitsTeacher, TopKTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

@@ -19,10 +19,10 @@ import torch
 
 from taid import TAIDLoss
 from taid import functional as TF
+from taid.cache import TeacherCache, identity, write_cache
 from taid.config import load_config
 from taid.data import BatchStream, eval_batches, load_examples, split_eval
 from taid.models import load_model, run_tokenizer
-from taid.teacher import TeacherCache, identity, write_cache
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import yaml
 
+from taid import cache as T
 from taid import data as D
 from taid import models as M
-from taid import teacher as T
 from taid import trainer as TR
 from taid.config import Config, ConfigError, load_config
 

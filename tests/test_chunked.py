@@ -14,20 +14,12 @@ from reference import PARAMS, make_inputs, reference
 from taid import build_loss
 from taid import functional as TF
 from taid.chunked import default_chunk_size
+from taid.divergences import DIVERGENCES
 from taid.models import plain_linear_head
 
 torch.set_num_threads(2)
-NAMES = list(PARAMS)
-FUSED = {
-    "taid": TF.fused_linear_taid_loss,
-    "fkl": TF.fused_linear_forward_kl,
-    "rkl": TF.fused_linear_reverse_kl,
-    "tvd": TF.fused_linear_tvd,
-    "jsd": TF.fused_linear_jsd,
-    "skl": TF.fused_linear_skew_kl,
-    "srkl": TF.fused_linear_skew_reverse_kl,
-    "akl": TF.fused_linear_adaptive_kl,
-}
+NAMES = list(DIVERGENCES)
+FUSED = {name: getattr(TF, f"fused_linear_{spec.function}") for name, spec in DIVERGENCES.items()}
 
 
 def fused_inputs(shape=(3, 29), H=24, V=61, H_T=40, dtype=torch.float32, seed=0):
@@ -289,7 +281,7 @@ def test_fused_all_rows_valid_matches_reference():
 # Top-k teachers
 # --------------------------------------------------------------------------------------------
 def topk_of(teacher_logits: torch.Tensor, k: int):
-    from taid.chunked import TopKTeacher
+    from taid.sources import TopKTeacher
 
     log_p = torch.log_softmax(teacher_logits.double(), -1).reshape(-1, teacher_logits.shape[-1])
     values, ids = log_p.topk(k, dim=-1)
@@ -341,7 +333,7 @@ def test_topk_teacher_loss_equals_the_loss_on_its_rebuilt_logits_and_improves_wi
 
 
 def test_topk_teacher_refuses_bad_inputs():
-    from taid.chunked import TopKTeacher
+    from taid.sources import TopKTeacher
 
     with pytest.raises(ValueError, match=r"\[N, k\]"):
         TopKTeacher(torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.long), 10)

@@ -128,3 +128,11 @@ def test_garbled_yaml_is_named_with_its_line(tmp_path):
     path.write_text("seed: 0\nteacher: {a: 1\n  b: [\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:3:\d+: not valid YAML"):
         load_config(path)
+
+
+def test_loss_ignore_index_is_set_by_the_trainer():
+    # The collator marks ignored labels with taid.data.IGNORE_INDEX; a different loss value
+    # would count padding as targets in the loss but not in the step's token count.
+    with pytest.raises(ConfigError, match=r"'loss.ignore_index'.*set by the trainer"):
+        load_config(None, ["data.path=x.jsonl", "teacher.name_or_path=x",
+                           "loss.ignore_index=0"])

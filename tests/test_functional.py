@@ -3,6 +3,7 @@ values and gradients, for the eager and the chunked implementations."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,16 +11,13 @@ import torch
 
 from reference import PARAMS, make_inputs, reference
 from taid import functional as TF
+from taid.divergences import DIVERGENCES
 
 torch.set_num_threads(2)
 
-# name -> (public function, hyperparameters used in the tests)
-PUBLIC = {
-    name: (fn, PARAMS[name])
-    for name, fn in [("taid", TF.taid_loss), ("fkl", TF.forward_kl), ("rkl", TF.reverse_kl),
-                     ("tvd", TF.tvd), ("jsd", TF.jsd), ("skl", TF.skew_kl),
-                     ("srkl", TF.skew_reverse_kl), ("akl", TF.adaptive_kl)]
-}
+# name -> (public function, hyperparameters used in the tests), from the registry
+PUBLIC = {name: (getattr(TF, spec.function), PARAMS[name])
+          for name, spec in DIVERGENCES.items()}
 NAMES = list(PUBLIC)
 
 
@@ -136,6 +134,34 @@ def test_teacher_only_neg_inf_stays_finite(name, impl):
     assert torch.isfinite(ours).all() and torch.isfinite(g).all()
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,params", [("taid", {"t": 0.37}), ("taid", {"t": 1.0})]
+                         + [(n, PUBLIC[n][1]) for n in NAMES if n != "taid"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_slot_masked_on_one_side_is_exact_or_a_clear_error(name, params, side, impl):
+    """Where the true value is +inf (the reference says so), the loss refuses with the side
+    named; where it is finite, every path gives the reference's value."""
+    student, teacher, labels = make_inputs((2, 7), 19, seed=9)
+    (student if side == "student" else teacher)[..., 3] = -math.inf
+    ref, _ = run_reference(name, student, teacher, labels, ignore_index=42, params=params)
+    if not torch.isfinite(ref):
+        with pytest.raises(ValueError, match=rf"loss is infinite.*the {side}'s logits are -inf "
+                                             rf"at vocabulary ids \[3\]"):
+            run_ours(name, student, teacher, labels, ignore_index=42, params=params, impl=impl)
+        return
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, params=params, impl=impl)
+    _, g_ref = run_reference(name, student, teacher, labels, ignore_index=42, params=params)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
+
+
+def test_cross_entropy_of_a_masked_label_is_a_clear_error(impl):
+    student, _, labels = make_inputs((2, 7), 19, seed=9)
+    labels[0, 0] = 3
+    student[0, 0, 3] = -math.inf
+    with pytest.raises(ValueError, match=r"cross-entropy loss is infinite.*label 3"):
+        TF.cross_entropy(student, labels, ignore_index=42, **IMPLS[impl])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -372,3 +398,32 @@ def test_unknown_reduction_is_refused():
 def test_cross_entropy_label_outside_vocabulary_is_explained():
     with pytest.raises(ValueError, match=r"label 10 is outside the vocabulary \[0, 10\)"):
         TF.cross_entropy(torch.randn(2, 10), torch.tensor([3, 10]))
+
+
+# ------------------------------------------------------------------------------------------
+# A new divergence can start as its forward formula: autograd per chunk
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_autograd_fallback_equals_the_analytic_gradient(name, fused, monkeypatch):
+    student, teacher, labels = make_inputs((3, 11), 37, ignore_index=42, seed=5)
+
+    def run():
+        if not fused:
+            return run_ours(name, student, teacher, labels, ignore_index=42, impl="chunked-7")
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(3, 11, 8, generator=g).requires_grad_(True)
+        weight = torch.randn(37, 8, generator=g).requires_grad_(True)
+        fn = getattr(TF, f"fused_linear_{DIVERGENCES[name].function}")
+        out = fn(hidden, weight, teacher, labels, ignore_index=42, chunk_size=7,
+                 **PUBLIC[name][1])
+        (2.0 * out).backward()
+        return out, torch.cat([hidden.grad.reshape(-1), weight.grad.reshape(-1)])
+
+    analytic_loss, analytic_grad = run()
+    monkeypatch.setitem(DIVERGENCES, name,
+                        dataclasses.replace(DIVERGENCES[name], analytic=False))
+    fallback_loss, fallback_grad = run()
+    torch.testing.assert_close(fallback_loss, analytic_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fallback_grad, analytic_grad, rtol=1e-4, atol=1e-6)
+    assert fallback_grad.abs().sum() > 0

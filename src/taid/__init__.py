@@ -9,38 +9,32 @@ from taid import functional
 from taid.functional import LossOutput
 from taid.losses import (
     LOSSES,
-    AdaptiveKLLoss,
     DistillationLoss,
-    ForwardKLLoss,
-    JSDLoss,
-    ReverseKLLoss,
+    DivergenceLoss,
     SFTLoss,
-    SkewKLLoss,
-    SkewReverseKLLoss,
     TAIDLoss,
-    TVDLoss,
     build_loss,
     loss_parameters,
+    register_divergence,
 )
 from taid.scheduler import TAIDScheduler
 
 __version__ = "0.1.0"
 
+# One module per divergence (ForwardKLLoss, JSDLoss, ...), derived from its description.
+globals().update({cls.__name__: cls for cls in LOSSES.values()})
+
 __all__ = [
     "LOSSES",
-    "AdaptiveKLLoss",
     "DistillationLoss",
-    "ForwardKLLoss",
-    "JSDLoss",
+    "DivergenceLoss",
     "LossOutput",
-    "ReverseKLLoss",
     "SFTLoss",
-    "SkewKLLoss",
-    "SkewReverseKLLoss",
     "TAIDLoss",
     "TAIDScheduler",
-    "TVDLoss",
     "build_loss",
     "functional",
     "loss_parameters",
+    "register_divergence",
 ]
+__all__ += [cls.__name__ for cls in LOSSES.values() if cls.__name__ not in __all__]

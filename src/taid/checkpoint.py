@@ -65,7 +65,7 @@ def encode(obj: Any, tensors: dict[str, Tensor], prefix: str = "t") -> Any:
 
 
 def _tensor_key(t: Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+    return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride())
 
 
 def _encode(obj: Any, tensors: dict[str, Tensor], path: str,
@@ -142,8 +142,8 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos),
+        kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+        state["numpy"] = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
                           int(has_gauss), float(gauss)]
     except ImportError:
         pass
@@ -305,7 +305,7 @@ def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: Any = None
-                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's (and optimizer's) full, unsharded state dicts on the main process (empty
     elsewhere under FSDP), on CPU; a collective under FSDP, so every process calls it.
 
@@ -319,10 +319,13 @@ def full_state_dicts(model: torch.nn.Module, optimizer: Any = None
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state: dict[str, Any]
+    optim_state: dict[str, Any] = {}
     if optimizer is None:
-        model_state, optim_state = get_model_state_dict(model, options=options), {}
+        model_state = dict(get_model_state_dict(model, options=options))
     else:
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state, optim_state = (dict(x) for x in get_state_dict(model, optimizer,
+                                                                     options=options))
     names: dict[int, list[str]] = {}
     for name, param in _unwrapped(model).named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
@@ -405,7 +408,7 @@ def load(acc: Any, directory: Path, *, model: torch.nn.Module, optimizer: Any, s
     state = load_tree(directory, "state")
     for alias, stored in state["model_aliases"].items():
         model_state[alias] = model_state[stored]
-    set_state_dict(model, optimizer, model_state_dict=model_state,
+    set_state_dict(model, optimizer, model_state_dict=model_state,  # type: ignore[arg-type]
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])

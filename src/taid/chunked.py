@@ -12,8 +12,8 @@ Two autograd Functions share that loop:
 - :func:`fused_linear_loss`: the student's last hidden states and output-layer weight are given,
   and each chunk's logits are formed, used and dropped, so the full student logits never exist.
 
-Where the teacher's rows come from is a :class:`TeacherSource`: dense logits, or hidden states
-and an output layer (logits rebuilt chunk by chunk).
+Where the teacher's rows come from is a :class:`taid.sources.TeacherSource` (dense logits,
+hidden states and an output layer, top-k log-probabilities, cache rows).
 
 Both store the gradient during ``forward`` and scale it in place during ``backward``: the graph
 can be backpropagated once (use the eager implementation for double backward).
@@ -21,16 +21,16 @@ can be backpropagated once (use the eager implementation for double backward).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from taid import divergences as D
+from taid.sources import Rows, TeacherSource, explain_infinite, finite, take
 
 # Chunk sizing. On CPU the kernels are memory-bound: a chunk whose float32 temporaries fit in
 # L2 (~2 MiB each) runs fastest (measured with benchmarks/loss_memory.py). On GPU per-chunk
@@ -51,182 +51,13 @@ def default_chunk_size(num_rows: int, width: int, device: torch.device | str = "
                        min_rows: int = 1) -> int:
     """Rows per chunk for ``num_rows`` tokens over a ``width``-word vocabulary on ``device``,
     at least ``min_rows`` (and at most ``num_rows``)."""
+    elements: float
     if torch.device(device).type == "cpu":
         elements = _CPU_CHUNK_ELEMENTS
     else:
         lo, hi = _GPU_CHUNK_ELEMENTS
         elements = min(max(num_rows * width / _GPU_CHUNKS_TARGET, lo), hi)
     return max(1, min(num_rows, max(min_rows, int(elements // width))))
-
-
-Rows = Tensor | slice
-"""A chunk of flattened token rows: a slice when every row is valid (no copy needed to take
-it), else the int64 indices of the valid rows."""
-
-
-def take(x: Tensor, rows: Rows) -> Tensor:
-    """Rows of a 2-D tensor: a view for a slice, a copy for indices."""
-    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-
-
-def finite(x: Tensor, *, fresh: bool) -> Tensor:
-    """Float32 logits with ``-inf`` replaced by :data:`~taid.divergences.MASKED_LOGIT`, in one
-    pass. ``fresh`` says ``x`` is a temporary of ours that may be overwritten."""
-    y = x.float()
-    if y is x and not fresh:
-        return torch.clamp_min(x, D.MASKED_LOGIT)
-    return y.clamp_min_(D.MASKED_LOGIT)
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher sources
-# --------------------------------------------------------------------------------------------
-class TeacherSource(Protocol):
-    """Where teacher logits come from, a chunk of flattened token rows at a time."""
-
-    width: int
-    """Vocabulary width the source can provide."""
-    num_rows: int
-    """Number of flattened token positions it covers."""
-
-    def rows(self, rows: Rows, width: int) -> Tensor:
-        """Finite float32 teacher logits ``[n, width]`` of ``rows`` (see :func:`finite`), in a
-        fresh tensor: the kernels overwrite it."""
-        ...
-
-
-@dataclass
-class LogitsTeacher:
-    """Teacher logits given in full, ``[N, V_T]`` (any float dtype; no gradient)."""
-
-    logits: Tensor
-
-    @property
-    def width(self) -> int:
-        return self.logits.shape[-1]
-
-    @property
-    def num_rows(self) -> int:
-        return self.logits.shape[0]
-
-    def rows(self, rows: Rows, width: int) -> Tensor:
-        return finite(take(self.logits[:, :width], rows), fresh=not isinstance(rows, slice))
-
-
-@dataclass
-class LinearTeacher:
-    """Teacher hidden states ``[N, H_T]`` and output layer ``weight [V_T, H_T]`` (+ ``bias``);
-    logits are formed chunk by chunk, exactly as the teacher's head would."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def num_rows(self) -> int:
-        return self.hidden.shape[0]
-
-    def rows(self, rows: Rows, width: int) -> Tensor:
-        bias = None if self.bias is None else self.bias[:width]
-        return finite(F.linear(take(self.hidden, rows), self.weight[:width], bias), fresh=True)
-
-
-@dataclass
-class TopKTeacher:
-    """A teacher known by its k largest log-probabilities per token (e.g. from a cache).
-
-    Row ``i`` of the full distribution is rebuilt as: the stored ``log_probs[i]`` at
-    ``ids[i]``, and the remaining mass ``1 - sum(exp(log_probs[i]))`` spread evenly over the
-    other ``vocab_size - k`` ids. The result is a normalised log-distribution with exact top-k
-    entries, used as the teacher's logits (a softmax of log-probabilities is themselves).
-
-    Args:
-        log_probs: ``[N, k]`` teacher log-probabilities (any float dtype), one row per flattened
-            position of the student's logits.
-        ids: ``[N, k]`` their token ids (any integer dtype).
-        vocab_size: ``V``, the width of the distribution.
-    """
-
-    log_probs: Tensor
-    ids: Tensor
-    vocab_size: int
-
-    def __post_init__(self) -> None:
-        if self.log_probs.shape != self.ids.shape or self.log_probs.dim() != 2:
-            raise ValueError(f"log_probs {tuple(self.log_probs.shape)} and ids "
-                             f"{tuple(self.ids.shape)} must both be [N, k]")
-        if self.ids.is_floating_point():
-            raise TypeError(f"ids must be integers, got {self.ids.dtype}")
-        if not 0 < self.log_probs.shape[1] <= self.vocab_size:
-            raise ValueError(f"k = {self.log_probs.shape[1]} must be in [1, vocab_size = "
-                             f"{self.vocab_size}]")
-
-    @property
-    def width(self) -> int:
-        return self.vocab_size
-
-    @property
-    def num_rows(self) -> int:
-        return self.log_probs.shape[0]
-
-    def rows(self, rows: Rows, width: int) -> Tensor:
-        if width != self.vocab_size:
-            raise ValueError(f"a top-k teacher over {self.vocab_size} tokens cannot be sliced to "
-                             f"{width}; store it at the shared vocabulary size")
-        top = take(self.log_probs, rows).float()
-        ids = take(self.ids, rows).long()
-        k = top.shape[1]
-        # The remaining mass 1 - sum(exp(top)), in float64 ([n, 1] values: cheap) because it is
-        # a small difference of numbers near 1 when the top-k carry most of the mass.
-        rest = (-torch.expm1(torch.logsumexp(top.double(), -1, keepdim=True))).clamp_min(0.0)
-        if k == self.vocab_size:
-            fill = torch.full_like(top[:, :1], D.MASKED_LOGIT)
-        else:  # log(rest / (V - k)); no rest mass at all -> the masked stand-in, not -inf
-            log_fill = (rest.clamp_min(1e-300).log() - math.log(self.vocab_size - k)).float()
-            fill = torch.where(rest > 0, log_fill, torch.full_like(log_fill, D.MASKED_LOGIT))
-        out = fill.expand(-1, self.vocab_size).contiguous()
-        return finite(out.scatter_(1, ids, top), fresh=True)
-
-
-@dataclass
-class ValidRowsTeacher:
-    """A source that holds rows for the valid positions only (``labels != ignore_index``), in
-    order, as a teacher cache does; it answers for the flattened positions like any source.
-
-    Args:
-        source: a :class:`TeacherSource` with one row per valid position.
-        valid: ``[N]`` bool, which flattened positions are valid.
-    """
-
-    source: TeacherSource
-    valid: Tensor
-
-    def __post_init__(self) -> None:
-        count = int(self.valid.sum())
-        if self.source.num_rows != count:
-            raise ValueError(f"the teacher has {self.source.num_rows} rows but the labels have "
-                             f"{count} valid positions; they must correspond one to one")
-        # position -> its row in ``source`` (meaningful at valid positions only)
-        self._row_of = torch.cumsum(self.valid, 0) - 1
-
-    @property
-    def width(self) -> int:
-        return self.source.width
-
-    @property
-    def num_rows(self) -> int:
-        return self.valid.shape[0]
-
-    def rows(self, rows: Rows, width: int) -> Tensor:
-        if isinstance(rows, slice) and self.source.num_rows == self.num_rows:
-            return self.source.rows(rows, width)  # every position valid: the same rows
-        positions = torch.arange(rows.start, rows.stop, device=self.valid.device) \
-            if isinstance(rows, slice) else rows
-        return self.source.rows(self._row_of.index_select(0, positions), width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,17 +108,26 @@ def run_chunks(idx: Tensor, n_rows: int, chunk_size: int, student_rows: Any,
     for start, rows in _chunks(idx, n_rows, chunk_size):
         end = start + _count(rows)
         s = student_rows(rows)
-        z = teacher.rows(rows, width) if distill is not None else None
+        z = teacher.rows(rows, width) if teacher is not None and distill is not None else None
         lab = labels[start:end] if labels is not None else None
         out = D.mixed(s, z, lab, divergence=objective.divergence, params=objective.params,
                       distill_weight=w, need_grad=True)
         loss[start:end] = out.loss
-        if distill is not None:
+        if distill is not None and out.distill is not None:
             distill[start:end] = out.distill
-        if ce is not None:
+        if ce is not None and out.ce is not None:
             ce[start:end] = out.ce
         consume_grad(rows, out.grad, grad_scale)
         del s, z, out
+    # One check (one device sync) per call; the explanation is recomputed only on failure.
+    if n and bool(loss.max() > D.INFINITE_LOSS):
+        first = int((loss > D.INFINITE_LOSS).nonzero()[0])
+        row = idx[first:first + 1]
+        raise ValueError(explain_infinite(
+            student_rows(row)[0],
+            teacher.rows(row, width)[0] if teacher is not None and distill is not None else None,
+            int(labels[first]) if labels is not None and ce is not None else None,
+            objective.divergence))
     return ChunkStats(loss, distill, ce)
 
 
@@ -478,16 +318,9 @@ def _stats(out: Tensor, distill: Tensor, ce: Tensor, objective: Objective) -> Ch
 
 __all__ = [
     "ChunkStats",
-    "LinearTeacher",
-    "LogitsTeacher",
     "Objective",
-    "TeacherSource",
-    "TopKTeacher",
-    "ValidRowsTeacher",
     "chunked_logits_loss",
     "default_chunk_size",
-    "finite",
-    "take",
     "fused_linear_loss",
     "reduce_rows",
 ]

@@ -57,7 +57,7 @@ def cache_main(argv: list[str] | None = None) -> int:
         "cache.mode=hidden teacher.cache_dir=PATH", argv)
     if config is None:
         return 2
-    from taid.teacher import TeacherCache, write_cache
+    from taid.cache import TeacherCache, write_cache
 
     try:
         root = write_cache(config)

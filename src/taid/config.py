@@ -128,7 +128,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     """The objective; the loss's own parameters sit beside ``name`` (``t_start``, ``alpha``,
-    ``beta``, ``mu``, ``distill_weight``, ``ignore_index``, ``vocab_size``, ...)."""
+    ``beta``, ``mu``, ``distill_weight``, ``vocab_size``, ...)."""
 
     name: str = "taid"
     """A registered loss: taid, fkl, rkl, tvd, jsd, skl, srkl, akl, sft."""
@@ -322,7 +322,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
@@ -451,7 +451,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"loss.name {loss.name!r} is not a registered loss"
                           + _closest(loss.name, list(LOSSES)))
     accepted = loss_parameters(loss.name)
-    reserved = {"total_steps", "scheduler", "implementation", "chunk_size", "reduction"}
+    # Set by the trainer: ignore_index is the value the data pipeline marks ignored labels with
+    # (taid.data.IGNORE_INDEX), so the loss and the token count can never disagree.
+    reserved = {"total_steps", "scheduler", "implementation", "chunk_size", "reduction",
+                "ignore_index"}
     for key in loss.params:
         if key not in accepted or key in reserved:
             options = sorted(set(accepted) - reserved)
@@ -523,7 +526,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key + "."))
             continue
         if f.default is not dataclasses.MISSING:
@@ -551,10 +554,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         tree = ast.parse(inspect.getsource(klass))
-        body = tree.body[0].body
+        class_def = tree.body[0]
+        assert isinstance(class_def, ast.ClassDef)
+        body = class_def.body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                    and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -575,6 +581,6 @@ if __name__ == "__main__":
     print("Every key can be overridden on the command line: "
           "`taid-train --config X.yaml train.max_steps=20 loss.name=fkl`. The loss's own "
           "parameters sit beside `loss.name` (`loss.t_start`, `loss.alpha`, `loss.beta`, "
-          "`loss.mu`, `loss.distill_weight`, `loss.ignore_index`, `loss.vocab_size`); see "
+          "`loss.mu`, `loss.distill_weight`, `loss.vocab_size`); see "
           "`taid.loss_parameters(name)`.\n")
     print(reference_markdown())

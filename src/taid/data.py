@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,9 +169,9 @@ def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
               add_generation_prompt: bool) -> list[int]:
     out = tok.apply_chat_template(messages, tokenize=True,
                                   add_generation_prompt=add_generation_prompt)
-    if hasattr(out, "keys") and "input_ids" in out:
-        out = out["input_ids"]
-    return list(out)
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        out = out["input_ids"]  # type: ignore[call-overload,index]
+    return [int(i) for i in out]  # type: ignore[arg-type]
 
 
 def check_messages(messages: Any) -> None:
@@ -353,8 +353,17 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     return [Example([t for ex in group for t in ex.input_ids],
                     [t for ex in group for t in ex.targets],
                     [len(ex.input_ids) for ex in group],
-                    None if any(ex.ids is None for ex in group)
-                    else [i for ex in group for i in ex.ids]) for group in groups if group]
+                    _joined_ids(group)) for group in groups if group]
+
+
+def _joined_ids(examples: list[Example]) -> list[int] | None:
+    """The example numbers of several examples in order; None if any has none."""
+    out: list[int] = []
+    for ex in examples:
+        if ex.ids is None:
+            return None
+        out.extend(ex.ids)
+    return out
 
 
 def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None = None
@@ -387,8 +396,9 @@ def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None 
         positions[b, n:] = torch.arange(width - n)
     out = ({"input_ids": ids, "position_ids": positions, "labels": labels} if packed
            else {"input_ids": ids, "attention_mask": mask, "labels": labels})
-    if all(ex.ids is not None for ex in batch):
-        out["example_ids"] = torch.tensor([i for ex in batch for i in ex.ids], dtype=torch.long)
+    numbers = _joined_ids(batch)
+    if numbers is not None:
+        out["example_ids"] = torch.tensor(numbers, dtype=torch.long)
     return out
 
 

@@ -14,14 +14,20 @@ its gradient w.r.t. ``s`` ``[n, V]``::
 
 Notation: ``q = softmax(s)``, ``p = softmax(z)``. For a loss written in terms of ``log q``
 with ``h = dL/d(log q)``, the gradient w.r.t. the logits is ``h - q * sum(h)``.
+
+Each divergence is described once, in :data:`DIVERGENCES` (a :class:`Divergence`: registry
+name, public function name, kernel, hyperparameters with defaults and ranges). The functional
+wrappers, the loss modules and their registry, config validation and the tests' grid are derived
+from it. A kernel without an analytic gradient yet (``analytic=False``) takes ``need_grad`` but
+only computes the loss; :func:`per_token` then differentiates it chunk by chunk with autograd.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +36,13 @@ from torch import Tensor
 # interpolation (TAID mixes two logits with weights summing to 1), small enough that sums of
 # two or three of them never overflow to -inf, which would turn 0 * inf into NaN.
 MASKED_LOGIT = torch.finfo(torch.float32).min / 8
+
+# A per-token loss above this can only come from the stand-in on one side: a vocabulary slot
+# masked (-inf) in one distribution where the other has probability, where the true value is
+# +inf (forward KL with the student masked, reverse KL with the teacher masked, cross-entropy
+# of a masked label). Real logits are far below 1e4 in magnitude, so finite losses stay far
+# below it; the stand-in gives about 1e37.
+INFINITE_LOSS = 1e30
 
 KernelOut = tuple[Tensor, Tensor | None]
 Kernel = Callable[..., KernelOut]
@@ -207,42 +220,121 @@ def mixed(s: Tensor, z: Tensor | None, labels: Tensor | None, *, divergence: str
     the divergence, which is always reported when named.
     """
     w = distill_weight
-    distill = g_distill = ce = g_ce = None
-    both = divergence is not None and w < 1.0
-    if divergence is not None:
-        # kernels overwrite their scratch inputs: keep s intact for the cross-entropy
-        s_div = s.clone() if (need_grad and both) else s
-        distill, g_distill = DIVERGENCES[divergence](s_div, z, need_grad=need_grad, **params)
     if divergence is None or w < 1.0:
-        ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)
+        if labels is None:
+            raise ValueError("cross-entropy needs labels")
     if divergence is None:
+        ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)  # type: ignore[arg-type]
         return Mixed(ce, None, ce, g_ce)
+    if z is None:
+        raise ValueError(f"divergence {divergence!r} needs the teacher's logits")
+    # kernels overwrite their scratch inputs: keep s intact for the cross-entropy
+    s_div = s.clone() if (need_grad and w < 1.0) else s
+    distill, g_distill = per_token(divergence, s_div, z, need_grad=need_grad, **params)
     if w == 1.0:
         return Mixed(distill, distill, None, g_distill)
+    ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)  # type: ignore[arg-type]
     loss = w * distill + (1.0 - w) * ce
-    grad = g_distill.mul_(w).add_(g_ce, alpha=1.0 - w) if need_grad else None
+    grad = None
+    if g_distill is not None and g_ce is not None:
+        grad = g_distill.mul_(w).add_(g_ce, alpha=1.0 - w)
     return Mixed(loss, distill, ce, grad)
 
 
-DIVERGENCES: dict[str, Kernel] = {
-    "taid": taid,
-    "fkl": forward_kl,
-    "rkl": reverse_kl,
-    "tvd": tvd,
-    "jsd": jsd,
-    "skl": skew_kl,
-    "srkl": skew_reverse_kl,
-    "akl": adaptive_kl,
-}
-"""Kernel of every divergence, by registry name."""
+# --------------------------------------------------------------------------------------------
+# Descriptions: the one place each divergence is defined
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """A divergence's hyperparameter: its range and its default (``None``: required)."""
 
-# (low, high, low_open, high_open) of each hyperparameter
-_RANGES = {
-    "t": (0.0, 1.0, False, False),
-    "beta": (0.0, 1.0, True, True),
-    "alpha": (0.0, 1.0, False, True),
-    "mu": (0.0, 1.0, True, False),
-}
+    name: str
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    default: float | None = None
+    doc: str = ""
+
+    def interval(self) -> str:
+        return (f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+    def check(self, value: float) -> float:
+        """``value`` as a float, or ValueError naming the range."""
+        value = float(value)
+        lo_ok = value > self.low if self.low_open else value >= self.low
+        hi_ok = value < self.high if self.high_open else value <= self.high
+        if not (lo_ok and hi_ok):
+            raise ValueError(f"{self.name} must be in {self.interval()}, got {value}")
+        return value
+
+    def example(self) -> float:
+        """A valid value for tests and examples: the default, else the middle of the range."""
+        if self.default is not None:
+            return self.default
+        hi = self.high if math.isfinite(self.high) else self.low + 2.0
+        return 0.5 * (self.low + hi)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Everything the library derives a divergence's public surface from.
+
+    Attributes:
+        name: registry name (``loss.name`` in configs, ``build_loss(name)``).
+        function: name of the public function in :mod:`taid.functional` (the fused one is
+            ``fused_linear_<function>``).
+        class_name: name of its ``nn.Module`` in :mod:`taid.losses`.
+        formula: one line of math, used in docstrings.
+        kernel: ``kernel(s, z, *, need_grad, **params) -> (loss [n], grad [n, V] | None)``.
+        params: its hyperparameters, in order.
+        analytic: whether ``kernel`` returns its gradient when ``need_grad``; if not, the
+            gradient comes from autograd through the loss, per chunk (:func:`per_token`).
+    """
+
+    name: str
+    function: str
+    class_name: str
+    formula: str
+    kernel: Kernel
+    params: tuple[Param, ...] = ()
+    analytic: bool = True
+
+    def defaults(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.params if p.default is not None}
+
+    def examples(self) -> dict[str, float]:
+        return {p.name: p.example() for p in self.params}
+
+
+_UNIT: dict[str, Any] = dict(low=0.0, high=1.0)
+DIVERGENCES: dict[str, Divergence] = {d.name: d for d in [
+    Divergence("taid", "taid_loss", "TAIDLoss",
+               "KL(p_t || q), p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)", taid,
+               (Param("t", **_UNIT, doc="interpolation coefficient; 0 gives 0, 1 is forward "
+                                        "KL (TAIDLoss takes it from its scheduler)"),)),
+    Divergence("fkl", "forward_kl", "ForwardKLLoss", "KL(p || q)", forward_kl),
+    Divergence("rkl", "reverse_kl", "ReverseKLLoss", "KL(q || p)", reverse_kl),
+    Divergence("tvd", "tvd", "TVDLoss", "0.5 * sum |p - q|", tvd),
+    Divergence("jsd", "jsd", "JSDLoss",
+               "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", jsd,
+               (Param("beta", **_UNIT, low_open=True, high_open=True, default=0.1,
+                      doc="teacher weight of the mixture m (GKD)"),)),
+    Divergence("skl", "skew_kl", "SkewKLLoss", "KL(p || alpha p + (1 - alpha) q)", skew_kl,
+               (Param("alpha", **_UNIT, high_open=True, default=0.1,
+                      doc="teacher weight of the skewed mixture (DistiLLM)"),)),
+    Divergence("srkl", "skew_reverse_kl", "SkewReverseKLLoss",
+               "KL(q || (1 - alpha) p + alpha q)", skew_reverse_kl,
+               (Param("alpha", **_UNIT, high_open=True, default=0.1,
+                      doc="student weight of the skewed mixture (DistiLLM)"),)),
+    Divergence("akl", "adaptive_kl", "AdaptiveKLLoss",
+               "w_head KL(p || q) + (1 - w_head) KL(q || p), head = teacher mass mu",
+               adaptive_kl,
+               (Param("mu", **_UNIT, low_open=True, default=0.5,
+                      doc="teacher mass of the head"),)),
+]}
+"""Every divergence by registry name; adding one is a kernel above and an entry here."""
 
 
 def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
@@ -253,18 +345,24 @@ def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid: {sorted(DIVERGENCES)}")
-    expected = {name for name, p in inspect.signature(DIVERGENCES[divergence]).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and name != "need_grad"}
+    spec = DIVERGENCES[divergence]
+    expected = {p.name for p in spec.params}
     if set(params) != expected:
         raise ValueError(f"divergence {divergence!r} takes parameters {sorted(expected)}, "
                          f"got {sorted(params)}")
-    out = {}
-    for name, value in params.items():
-        value = float(value)
-        lo, hi, lo_open, hi_open = _RANGES[name]
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-        if not ok:
-            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            raise ValueError(f"{name} must be in {interval}, got {value}")
-        out[name] = value
-    return out
+    return {p.name: p.check(params[p.name]) for p in spec.params}
+
+
+def per_token(divergence: str, s: Tensor, z: Tensor, *, need_grad: bool = False,
+              **params: float) -> KernelOut:
+    """A divergence's per-token loss ``[n]`` and, with ``need_grad``, its gradient w.r.t.
+    ``s`` ``[n, V]``: the kernel's own, or (``analytic=False``) autograd through the kernel's
+    loss on this chunk alone, so memory stays that of one chunk."""
+    spec = DIVERGENCES[divergence]
+    if not need_grad or spec.analytic:
+        return spec.kernel(s, z, need_grad=need_grad, **params)
+    with torch.enable_grad():
+        leaf = s.detach().requires_grad_(True)
+        loss, _ = spec.kernel(leaf, z.detach(), need_grad=False, **params)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad

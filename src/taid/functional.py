@@ -21,14 +21,18 @@ a whole optimizer step), ``"none"`` (per position, 0 where masked; logits path o
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from taid import chunked as C
 from taid import divergences as D
+from taid import sources as S
+from taid.sources import TeacherLike
 
 Reduction = Literal["mean", "sum", "none"]
 Implementation = Literal["chunked", "eager"]
@@ -158,14 +162,14 @@ def _reduce_detached(per_token: Tensor | None, idx: Tensor, n_rows: int, shape: 
 
 
 class _Plan(NamedTuple):
-    teacher: C.TeacherSource | None
+    teacher: S.TeacherSource | None
     objective: C.Objective
     width: int
     idx: Tensor
     labels: Tensor | None
 
 
-def _plan(divergence: str | None, teacher: C.TeacherSource | None, what: str,
+def _plan(divergence: str | None, teacher: S.TeacherSource | None, what: str,
           student_shape: torch.Size, student_width: int, labels: Tensor | None,
           ignore_index: int, vocab_size: int | None, distill_weight: float,
           params: dict[str, float], device: torch.device) -> _Plan:
@@ -183,7 +187,7 @@ def _plan(divergence: str | None, teacher: C.TeacherSource | None, what: str,
     width = resolve_vocab(student_width, None if teacher is None else teacher.width, vocab_size)
     idx = valid_mask(labels, leading, ignore_index, device).nonzero().squeeze(1)
     flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
-    if objective.distill_weight < 1.0:
+    if objective.distill_weight < 1.0 and flat_labels is not None:
         _check_labels_in_vocab(flat_labels, width, ignore_index)
     return _Plan(teacher, objective, width, idx, flat_labels)
 
@@ -205,7 +209,7 @@ def _output(loss: Tensor, stats: C.ChunkStats, idx: Tensor, leading: torch.Size,
 def loss_terms(
     divergence: str | None,
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: TeacherLike | None,
     labels: Tensor | None = None,
     *,
     ignore_index: int = -100,
@@ -214,7 +218,6 @@ def loss_terms(
     distill_weight: float = 1.0,
     implementation: Implementation = "chunked",
     chunk_size: int | None = None,
-    teacher: C.TeacherSource | None = None,
     **params: float,
 ) -> LossOutput:
     """``(1 - w) * CE + w * divergence`` on logits, with its parts and the valid-token count.
@@ -223,8 +226,9 @@ def loss_terms(
         divergence: a key of :data:`taid.divergences.DIVERGENCES`, or ``None`` for
             cross-entropy alone.
         student_logits: ``[..., V_s]``.
-        teacher_logits: ``[..., V_T]``, or a :class:`taid.chunked.TeacherSource` over the
-            flattened positions (e.g. :class:`taid.chunked.TopKTeacher`); ``None`` for CE alone.
+        teacher_logits: ``[..., V_T]``, or a :class:`taid.sources.TeacherSource` over the
+            flattened positions (e.g. a top-k teacher or a teacher cache's rows); ``None`` for
+            CE alone.
         labels: ``[...]`` aligned with the logits; required when ``w < 1``.
         ignore_index: label value that excludes a position.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -232,8 +236,6 @@ def loss_terms(
         distill_weight: ``w``; 1 is the pure divergence.
         implementation: ``"chunked"`` or ``"eager"``.
         chunk_size: rows per chunk (chunked only); ``None`` picks one from ``N`` and ``V``.
-        teacher: a :class:`taid.chunked.TeacherSource` over the flattened rows, instead of
-            ``teacher_logits`` (e.g. a teacher cache).
         **params: the divergence's hyperparameters (``t``, ``beta``, ``alpha``, ``mu``).
     """
     _check_options(reduction, implementation, chunk_size)
@@ -242,17 +244,9 @@ def loss_terms(
         raise ValueError("student_logits must have a vocabulary dimension, got a scalar")
     leading = student_logits.shape[:-1]
     n_rows = math.prod(leading)
-    if hasattr(teacher_logits, "rows"):  # a TeacherSource given in the teacher's place
-        teacher, teacher_logits = teacher_logits, None
-    if divergence is not None and teacher is None and teacher_logits is not None:
-        _check_float("teacher_logits", teacher_logits)
-        if teacher_logits.shape[:-1] != leading:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits "
-                f"{tuple(teacher_logits.shape)} must have the same shape except the last "
-                f"(vocabulary) dimension"
-            )
-        teacher = C.LogitsTeacher(teacher_logits.detach().reshape(n_rows, -1))
+    teacher = None
+    if divergence is not None and teacher_logits is not None:
+        teacher = S.as_source(teacher_logits, student_logits.shape, "logits")
     teacher, objective, width, idx, flat_labels = _plan(
         divergence, teacher, "logits", student_logits.shape, student_logits.shape[-1], labels,
         ignore_index, vocab_size, distill_weight, params, student_logits.device)
@@ -260,10 +254,16 @@ def loss_terms(
 
     if implementation == "eager":
         rows = slice(0, n_rows) if idx.numel() == n_rows else idx
-        s = C.finite(C.take(student[:, :width], rows), fresh=False)
+        s = S.finite(S.take(student[:, :width], rows), fresh=False)
         z = None if teacher is None else teacher.rows(rows, width)
         out = D.mixed(s, z, flat_labels, divergence=objective.divergence,
                       params=objective.params, distill_weight=objective.distill_weight)
+        if out.loss.numel() and bool(out.loss.detach().max() > D.INFINITE_LOSS):
+            i = int((out.loss.detach() > D.INFINITE_LOSS).nonzero()[0])
+            raise ValueError(S.explain_infinite(
+                s[i].detach(), None if z is None else z[i],
+                int(flat_labels[i]) if flat_labels is not None and objective.distill_weight < 1
+                else None, objective.divergence))
         loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
         stats = C.ChunkStats(loss.detach(), out.distill, out.ce)
     else:
@@ -277,7 +277,7 @@ def fused_linear_terms(
     divergence: str | None,
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher: Tensor | None,
+    teacher: TeacherLike | None,
     labels: Tensor | None = None,
     *,
     teacher_weight: Tensor | None = None,
@@ -288,7 +288,6 @@ def fused_linear_terms(
     vocab_size: int | None = None,
     distill_weight: float = 1.0,
     chunk_size: int | None = None,
-    teacher_source: C.TeacherSource | None = None,
     **params: float,
 ) -> LossOutput:
     """Like :func:`loss_terms`, from the student's last hidden states and output layer.
@@ -305,14 +304,13 @@ def fused_linear_terms(
         student_hidden: ``[..., H]``.
         student_weight: ``[V_s, H]`` (same dtype as ``student_hidden``).
         teacher: teacher logits ``[..., V_T]``, teacher hidden states ``[..., H_T]`` when
-            ``teacher_weight`` is given, or a :class:`taid.chunked.TeacherSource`.
+            ``teacher_weight`` is given, or a :class:`taid.sources.TeacherSource`.
         labels: ``[...]``.
         teacher_weight: ``[V_T, H_T]`` teacher output layer; its logits are formed chunk by chunk.
         teacher_bias: ``[V_T]`` bias of the teacher output layer.
         student_bias: ``[V_s]``.
         reduction: ``"mean"`` or ``"sum"`` (the per-position gradient of ``"none"`` cannot be
             folded into the weight gradient).
-        teacher_source: a :class:`taid.chunked.TeacherSource` instead of ``teacher``.
         Other arguments: as :func:`loss_terms`.
     """
     _check_options(reduction, "chunked", chunk_size)
@@ -333,24 +331,11 @@ def fused_linear_terms(
                          f"[{student_weight.shape[0]}]")
     leading = student_hidden.shape[:-1]
     n_rows = math.prod(leading)
-    if hasattr(teacher, "rows"):  # a TeacherSource given in the teacher's place
-        teacher_source, teacher = teacher, None
-    if divergence is not None and teacher_source is None and teacher is not None:
-        if teacher.shape[:-1] != leading:
-            raise ValueError(
-                f"student hidden states {tuple(student_hidden.shape)} and teacher "
-                f"{tuple(teacher.shape)} must have the same shape except the last dimension")
-        flat = teacher.detach().reshape(n_rows, teacher.shape[-1])
-        if teacher_weight is None:
-            teacher_source = C.LogitsTeacher(flat)
-        else:
-            if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher.shape[-1]:
-                raise ValueError(
-                    f"teacher_weight {tuple(teacher_weight.shape)} must be [V_T, H_T] with H_T "
-                    f"= the teacher hidden size {teacher.shape[-1]}")
-            teacher_source = C.LinearTeacher(
-                flat, teacher_weight.detach(),
-                None if teacher_bias is None else teacher_bias.detach())
+    teacher_source = None
+    if divergence is not None and teacher is not None:
+        teacher_source = S.as_source(teacher, student_hidden.shape, "hidden states",
+                                     weight=teacher_weight,
+                                     bias=teacher_bias)
     teacher_source, objective, width, idx, flat_labels = _plan(
         divergence, teacher_source, "hidden states", student_hidden.shape,
         student_weight.shape[0], labels, ignore_index, vocab_size, distill_weight, params,
@@ -362,106 +347,113 @@ def fused_linear_terms(
 
 
 # --------------------------------------------------------------------------------------------
-# Public functions on logits
+# Public functions, one pair per divergence, derived from its description
 # --------------------------------------------------------------------------------------------
-def taid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-              t: float, ignore_index: int = -100, reduction: Reduction = "mean",
-              vocab_size: int | None = None, implementation: Implementation = "chunked",
-              chunk_size: int | None = None) -> Tensor:
-    """TAID: ``KL(p_t || q)``, ``p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)``.
-
+_LOGITS_OPTIONS: dict[str, Any] = {
+    "ignore_index": -100, "reduction": "mean", "vocab_size": None,
+    "implementation": "chunked", "chunk_size": None}
+_FUSED_OPTIONS: dict[str, Any] = {
+    "teacher_weight": None, "teacher_bias": None, "student_bias": None, "ignore_index": -100,
+    "reduction": "mean", "chunk_size": None, "vocab_size": None}
+_ARGS_DOC = """
     Args:
-        student_logits: ``[..., V]`` student logits (gradient flows here only).
-        teacher_logits: ``[..., V]`` teacher logits (never receives gradient).
-        labels: ``[...]`` labels aligned with the logits; only ``ignore_index`` matters.
-            ``None`` means every position counts.
-        t: interpolation coefficient in [0, 1]. ``t = 0`` gives 0; ``t = 1`` is forward KL.
-        ignore_index: label value of excluded positions.
-        reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (shape ``[...]``).
+        {inputs}
+        labels: ``[...]`` aligned with the {what} (position i predicts ``labels[i]``); only
+            ``ignore_index`` matters. ``None``: every position counts.
+{params}        ignore_index: label value of excluded positions.
+        reduction: ``"mean"`` over valid tokens, ``"sum"``{none}.
         vocab_size: slice both widths to this shared tokenizer length (required if they differ).
-        implementation: ``"chunked"`` (default, memory-lean) or ``"eager"`` (autograd).
-        chunk_size: rows per chunk; ``None`` picks one.
+        chunk_size: rows per chunk; ``None`` picks one.{extra}
 
     Returns:
-        The reduced loss. Per token its gradient w.r.t. ``z_s`` is ``q - p_t``.
-    """
-    return loss_terms("taid", student_logits, teacher_logits, labels, t=t,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
-                      implementation=implementation, chunk_size=chunk_size).loss
+        The reduced loss (gradient flows to the student only).
+"""
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-               ignore_index: int = -100, reduction: Reduction = "mean",
-               vocab_size: int | None = None, implementation: Implementation = "chunked",
-               chunk_size: int | None = None) -> Tensor:
-    """Forward ``KL(p || q)``; arguments as :func:`taid_loss`."""
-    return loss_terms("fkl", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
-                      chunk_size=chunk_size).loss
+def _signature(spec: D.Divergence, leading: list[str], options: dict[str, Any]
+               ) -> inspect.Signature:
+    P = inspect.Parameter
+    params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in leading]
+    params.append(P("labels", P.POSITIONAL_OR_KEYWORD, default=None))
+    params += [P(p.name, P.KEYWORD_ONLY, **({} if p.default is None else {"default": p.default}))
+               for p in spec.params]
+    params += [P(name, P.KEYWORD_ONLY, default=default) for name, default in options.items()]
+    return inspect.Signature(params, return_annotation=Tensor)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-               ignore_index: int = -100, reduction: Reduction = "mean",
-               vocab_size: int | None = None, implementation: Implementation = "chunked",
-               chunk_size: int | None = None) -> Tensor:
-    """Reverse ``KL(q || p)``; arguments as :func:`taid_loss`."""
-    return loss_terms("rkl", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
-                      chunk_size=chunk_size).loss
+def _bind(fn_name: str, spec: D.Divergence, options: dict[str, Any],
+          kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of a generated function with defaults filled in; TypeError like a
+    hand-written signature for an unknown or a missing one."""
+    allowed = {p.name for p in spec.params} | set(options)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{fn_name}() got an unexpected keyword argument {unknown[0]!r}")
+    out = {**options, **spec.defaults(), **kwargs}
+    missing = [p.name for p in spec.params if p.name not in out]
+    if missing:
+        raise TypeError(f"{fn_name}() missing required keyword argument {missing[0]!r}")
+    return out
 
 
-def tvd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-        ignore_index: int = -100, reduction: Reduction = "mean", vocab_size: int | None = None,
-        implementation: Implementation = "chunked", chunk_size: int | None = None) -> Tensor:
-    """Total variation distance ``0.5 * sum |p - q|``; arguments as :func:`taid_loss`."""
-    return loss_terms("tvd", student_logits, teacher_logits, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
-                      chunk_size=chunk_size).loss
+def _params_doc(spec: D.Divergence) -> str:
+    return "".join(f"        {p.name}: {p.doc}; in {p.interval()}"
+                   + (f" (default {p.default:g})" if p.default is not None else "") + ".\n"
+                   for p in spec.params)
 
 
-def jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-        beta: float = 0.1, ignore_index: int = -100, reduction: Reduction = "mean",
-        vocab_size: int | None = None, implementation: Implementation = "chunked",
-        chunk_size: int | None = None) -> Tensor:
-    """Generalized JSD, ``m = beta p + (1 - beta) q`` with ``beta`` in (0, 1):
-    ``beta KL(p || m) + (1 - beta) KL(q || m)``; arguments as :func:`taid_loss`."""
-    return loss_terms("jsd", student_logits, teacher_logits, labels, beta=beta,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
-                      implementation=implementation, chunk_size=chunk_size).loss
+def _logits_function(spec: D.Divergence) -> Callable[..., Tensor]:
+    def fn(student_logits: Tensor, teacher_logits: TeacherLike, labels: Tensor | None = None,
+           **kwargs: Any) -> Tensor:
+        bound = _bind(spec.function, spec, _LOGITS_OPTIONS, kwargs)
+        return loss_terms(spec.name, student_logits, teacher_logits, labels, **bound).loss
+
+    fn.__name__ = fn.__qualname__ = spec.function
+    fn.__signature__ = _signature(  # type: ignore[attr-defined]
+        spec, ["student_logits", "teacher_logits"], _LOGITS_OPTIONS)
+    fn.__doc__ = f"``{spec.formula}`` on logits (registry name ``{spec.name}``).\n" + \
+        _ARGS_DOC.format(
+            inputs="student_logits: ``[..., V_s]`` (gradient flows here).\n        "
+                   "teacher_logits: ``[..., V_T]`` teacher logits, or a teacher source over the "
+                   "flattened positions.",
+            what="logits", params=_params_doc(spec), none=', or ``"none"`` (shape ``[...]``)',
+            extra="\n        implementation: ``\"chunked\"`` (memory-lean) or ``\"eager\"`` "
+                  "(autograd).")
+    return fn
 
 
-def skew_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-            alpha: float = 0.1, ignore_index: int = -100, reduction: Reduction = "mean",
-            vocab_size: int | None = None, implementation: Implementation = "chunked",
-            chunk_size: int | None = None) -> Tensor:
-    """Skew ``KL(p || alpha p + (1 - alpha) q)``, ``alpha`` in [0, 1); arguments as
-    :func:`taid_loss`."""
-    return loss_terms("skl", student_logits, teacher_logits, labels, alpha=alpha,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
-                      implementation=implementation, chunk_size=chunk_size).loss
+def _fused_function(spec: D.Divergence) -> Callable[..., Tensor]:
+    name = f"fused_linear_{spec.function}"
+
+    def fn(student_hidden: Tensor, student_weight: Tensor, teacher: TeacherLike,
+           labels: Tensor | None = None, **kwargs: Any) -> Tensor:
+        bound = _bind(name, spec, _FUSED_OPTIONS, kwargs)
+        return fused_linear_terms(spec.name, student_hidden, student_weight, teacher, labels,
+                                  **bound).loss
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__signature__ = _signature(  # type: ignore[attr-defined]
+        spec, ["student_hidden", "student_weight", "teacher"], _FUSED_OPTIONS)
+    fn.__doc__ = (f"``{spec.formula}`` without materialising the student's logits (registry "
+                  f"name ``{spec.name}``); see :func:`fused_linear_terms`.\n") + _ARGS_DOC.format(
+        inputs="student_hidden: ``[..., H]``; student_weight: ``[V_s, H]`` (and student_bias "
+               "``[V_s]``): ``z_s = hidden @ weight.T + bias`` is formed chunk by chunk.\n"
+               "        teacher: teacher logits ``[..., V_T]``, teacher hidden states "
+               "``[..., H_T]`` with teacher_weight ``[V_T, H_T]`` (and teacher_bias), or a "
+               "teacher source.",
+        what="hidden states", params=_params_doc(spec), none="", extra="")
+    return fn
 
 
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
-                    *, alpha: float = 0.1, ignore_index: int = -100,
-                    reduction: Reduction = "mean", vocab_size: int | None = None,
-                    implementation: Implementation = "chunked",
-                    chunk_size: int | None = None) -> Tensor:
-    """Skew reverse ``KL(q || (1 - alpha) p + alpha q)``, ``alpha`` in [0, 1); arguments as
-    :func:`taid_loss`."""
-    return loss_terms("srkl", student_logits, teacher_logits, labels, alpha=alpha,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
-                      implementation=implementation, chunk_size=chunk_size).loss
+def publish(spec: D.Divergence) -> None:
+    """Make ``<spec.function>`` and ``fused_linear_<spec.function>`` public functions of this
+    module (see :func:`taid.losses.register_divergence`)."""
+    globals()[spec.function] = _logits_function(spec)
+    globals()[f"fused_linear_{spec.function}"] = _fused_function(spec)
 
 
-def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-                mu: float = 0.5, ignore_index: int = -100, reduction: Reduction = "mean",
-                vocab_size: int | None = None, implementation: Implementation = "chunked",
-                chunk_size: int | None = None) -> Tensor:
-    """Adaptive KL (see :func:`taid.divergences.adaptive_kl`), ``mu`` in (0, 1]; arguments as
-    :func:`taid_loss`."""
-    return loss_terms("akl", student_logits, teacher_logits, labels, mu=mu,
-                      ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
-                      implementation=implementation, chunk_size=chunk_size).loss
+for _spec in D.DIVERGENCES.values():
+    publish(_spec)
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int = -100,

@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from taid import functional as TF
-from taid.divergences import check_params
+from taid.divergences import DIVERGENCES, Divergence, check_params
 from taid.functional import LossOutput
 from taid.scheduler import TAIDScheduler
+from taid.sources import TeacherLike
 
 
 class DistillationLoss(nn.Module):
@@ -37,6 +38,8 @@ class DistillationLoss(nn.Module):
         with the logits (position i predicts ``labels[i]``).
     """
 
+    spec: ClassVar[Divergence | None] = None
+    """The divergence's description (:data:`taid.divergences.DIVERGENCES`); None for SFT."""
     divergence: ClassVar[str | None] = None
 
     def __init__(self, *, distill_weight: float = 1.0, ignore_index: int = -100,
@@ -63,7 +66,7 @@ class DistillationLoss(nn.Module):
                     vocab_size=self.vocab_size, distill_weight=self.distill_weight,
                     chunk_size=self.chunk_size, **self.divergence_params())
 
-    def compute(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
+    def compute(self, student_logits: Tensor, teacher_logits: TeacherLike | None = None,
                 labels: Tensor | None = None) -> LossOutput:
         """The loss with its parts and the valid-token count; does not change any state.
 
@@ -73,7 +76,7 @@ class DistillationLoss(nn.Module):
                              implementation=self.implementation, **self._common())
 
     def compute_fused(self, student_hidden: Tensor, student_weight: Tensor,
-                      teacher: Tensor | None = None, labels: Tensor | None = None, *,
+                      teacher: TeacherLike | None = None, labels: Tensor | None = None, *,
                       student_bias: Tensor | None = None, teacher_weight: Tensor | None = None,
                       teacher_bias: Tensor | None = None) -> LossOutput:
         """As :meth:`compute`, from the student's last hidden states ``[..., H]`` and output
@@ -85,7 +88,7 @@ class DistillationLoss(nn.Module):
             student_bias=student_bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
             **self._common())
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None = None,
+    def forward(self, student_logits: Tensor, teacher_logits: TeacherLike | None = None,
                 labels: Tensor | None = None) -> Tensor:
         """The reduced loss (see :meth:`compute` for its parts)."""
         return self.compute(student_logits, teacher_logits, labels).loss
@@ -93,6 +96,14 @@ class DistillationLoss(nn.Module):
     def step(self, loss: float | Tensor) -> float | None:
         """Advance adaptive state once per optimizer step; a no-op for static losses."""
         return None
+
+    def advance(self, loss: float | Tensor) -> dict[str, float]:
+        """:meth:`step` once per optimizer step, returning what to log for that step, with the
+        same keys wherever the loss is trained (taid's loop, the Trainer integration): for TAID
+        ``t`` (the value this step trained with), ``t_next``, ``dt`` and ``momentum``; nothing
+        for a static loss."""
+        self.step(loss)
+        return {}
 
     def extra_repr(self) -> str:
         params = {**self.divergence_params(), "distill_weight": self.distill_weight,
@@ -149,6 +160,12 @@ class TAIDLoss(DistillationLoss):
         """Advance ``t`` from this optimizer step's TAID objective; returns the new ``t``."""
         return self.scheduler.step(loss)
 
+    def advance(self, loss: float | Tensor) -> dict[str, float]:
+        used = self.scheduler.t
+        self.step(loss)
+        sched = self.scheduler
+        return {"t": used, "t_next": sched.t, "dt": sched.dt, "momentum": sched.momentum}
+
     def get_extra_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
@@ -156,67 +173,43 @@ class TAIDLoss(DistillationLoss):
         self.scheduler.load_state_dict(state)
 
 
-class ForwardKLLoss(DistillationLoss):
-    """Forward KL(p || q): mode-covering; TAID at ``t = 1``."""
+class DivergenceLoss(DistillationLoss):
+    """A registered divergence with fixed hyperparameters (``beta``, ``alpha``, ``mu``, ...).
 
-    divergence = "fkl"
+    One subclass per entry of :data:`taid.divergences.DIVERGENCES` is derived from its
+    description (:func:`_divergence_class`): name, hyperparameters, defaults and ranges.
+    """
 
-
-class ReverseKLLoss(DistillationLoss):
-    """Reverse KL(q || p): mode-seeking."""
-
-    divergence = "rkl"
-
-
-class TVDLoss(DistillationLoss):
-    """Total variation distance ``0.5 * sum |p - q|``."""
-
-    divergence = "tvd"
-
-
-class JSDLoss(DistillationLoss):
-    """Generalized JSD (GKD): ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``."""
-
-    divergence = "jsd"
-
-    def __init__(self, beta: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        assert self.spec is not None
+        params = {p.name: kwargs.pop(p.name, p.default) for p in self.spec.params}
+        missing = [name for name, value in params.items() if value is None]
+        if missing:
+            raise TypeError(f"{type(self).__name__} needs {missing}")
         super().__init__(**kwargs)
-        self.beta = check_params("jsd", {"beta": beta})["beta"]
+        self.params = check_params(self.spec.name, params)
+        for name, value in self.params.items():
+            setattr(self, name, value)
 
     def divergence_params(self) -> dict[str, float]:
-        return {"beta": self.beta}
+        return dict(self.params)
 
 
-class SkewKLLoss(DistillationLoss):
-    """Skew KL (DistiLLM): ``KL(p || alpha p + (1 - alpha) q)``."""
-
-    divergence = "skl"
-
-    def __init__(self, alpha: float = 0.1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.alpha = check_params("skl", {"alpha": alpha})["alpha"]
-
-    def divergence_params(self) -> dict[str, float]:
-        return {"alpha": self.alpha}
-
-
-class SkewReverseKLLoss(SkewKLLoss):
-    """Skew reverse KL (DistiLLM): ``KL(q || (1 - alpha) p + alpha q)``."""
-
-    divergence = "srkl"
-
-
-class AdaptiveKLLoss(DistillationLoss):
-    """Adaptive KL: head/tail-gap-weighted forward and reverse KL (head = teacher mass ``mu``)."""
-
-    divergence = "akl"
-
-    def __init__(self, mu: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.mu = check_params("akl", {"mu": mu})["mu"]
-
-    def divergence_params(self) -> dict[str, float]:
-        return {"mu": self.mu}
+def _divergence_class(spec: Divergence) -> type[DivergenceLoss]:
+    """The ``nn.Module`` of a divergence: :class:`DivergenceLoss` with its description."""
+    params = "".join(f"\n        {p.name}: {p.doc}; in {p.interval()} (default {p.default:g})."
+                     for p in spec.params)
+    doc = (f"``{spec.formula}`` (registry name ``{spec.name}``).\n\n    Args:{params}\n"
+           f"        Other arguments: see :class:`DistillationLoss`.\n    ")
+    cls = type(spec.class_name, (DivergenceLoss,),
+               {"spec": spec, "divergence": spec.name, "__doc__": doc,
+                "__module__": __name__})
+    P = inspect.Parameter
+    cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P(p.name, P.KEYWORD_ONLY, default=p.default) for p in spec.params]
+        + [p for p in inspect.signature(DistillationLoss.__init__).parameters.values()
+           if p.name != "self"])
+    return cls
 
 
 class SFTLoss(DistillationLoss):
@@ -232,24 +225,52 @@ class SFTLoss(DistillationLoss):
                          chunk_size=chunk_size)
 
 
-LOSSES: dict[str, type[DistillationLoss]] = {
-    "taid": TAIDLoss,
-    "fkl": ForwardKLLoss,
-    "rkl": ReverseKLLoss,
-    "tvd": TVDLoss,
-    "jsd": JSDLoss,
-    "skl": SkewKLLoss,
-    "srkl": SkewReverseKLLoss,
-    "akl": AdaptiveKLLoss,
-    "sft": SFTLoss,
-}
-"""Every loss by its registry name (the ``loss.name`` of a config)."""
+TAIDLoss.spec = DIVERGENCES["taid"]
+LOSSES: dict[str, type[DistillationLoss]] = {"taid": TAIDLoss}
+"""Every loss by its registry name (the ``loss.name`` of a config): one per divergence of
+:data:`taid.divergences.DIVERGENCES`, and ``sft``."""
+
+
+def register_divergence(spec: Divergence) -> type[DistillationLoss]:
+    """Add a divergence to every surface at once: :data:`taid.divergences.DIVERGENCES`, the
+    functions ``taid.functional.<function>`` and ``fused_linear_<function>``, its module
+    (returned, also ``taid.<class_name>``), :data:`LOSSES` (so ``build_loss`` and configs'
+    ``loss.name`` know it) and config validation of its parameters.
+
+    The built-in divergences go through it when the package is imported; a project can
+    register its own the same way without changing taid.
+
+    Raises:
+        ValueError: the name is taken by another divergence, or is ``sft``.
+    """
+    import sys
+
+    known = DIVERGENCES.get(spec.name)
+    if spec.name == "sft" or (known is not None and known is not spec):
+        raise ValueError(f"a loss named {spec.name!r} exists already")
+    DIVERGENCES[spec.name] = spec
+    TF.publish(spec)
+    cls = LOSSES.get(spec.name) or _divergence_class(spec)
+    LOSSES[spec.name] = cls
+    globals()[cls.__name__] = cls
+    package = sys.modules.get("taid")
+    if package is not None:  # taid.<ClassName>, also for divergences registered later
+        setattr(package, cls.__name__, cls)
+    return cls
+
+
+for _spec in list(DIVERGENCES.values()):
+    register_divergence(_spec)
+LOSSES["sft"] = SFTLoss
 
 
 def loss_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The keyword arguments ``build_loss(name, ...)`` accepts, with their defaults."""
     cls = _lookup(name)
     params: dict[str, inspect.Parameter] = {}
+    signature = getattr(cls, "__signature__", None)
+    if signature is not None:  # a derived divergence class
+        return {p.name: p for p in signature.parameters.values()}
     for klass in reversed(cls.__mro__):
         if klass is nn.Module or not issubclass(klass, DistillationLoss):
             continue

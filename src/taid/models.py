@@ -60,7 +60,8 @@ def plain_linear_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
                     f"({attr}={value!r}); the fused output-layer loss would optimise a different "
                     f"objective. Use the logits path instead (loss on model(...).logits)."
                 )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"{type(model).__name__}'s output layer is {type(head).__name__}, not a plain "
@@ -91,10 +92,38 @@ def builtin_model_dir(name: str) -> Path:
     transformers' GGUF support (dequantised to float32) and writes the result atomically;
     later calls return the cached copy, which loads in well under a second.
     """
-    package, filename = BUILTIN_MODELS[name]
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    source, filename = _builtin_gguf(name)
+    # Building models draws random initial weights: keep the caller's RNG untouched, so a run's
+    # initialisation does not depend on whether this cache existed.
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(source, filename, target, name)
+    return target
+
+
+def builtin_tokenizer_dir(name: str) -> Path:
+    """A local directory with the tokenizer of the built-in model ``name``: the converted
+    model's when it exists, else the tokenizer alone, read from the GGUF file's metadata
+    without dequantising its weights (a few seconds instead of a full conversion)."""
+    model_dir = cache_dir() / name
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir
+    target = cache_dir() / f"{name}.tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    source, filename = _builtin_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    _write_atomically(target, tokenizer.save_pretrained)
+    return target
+
+
+def _builtin_gguf(name: str) -> tuple[Path, str]:
+    """The directory and file name of a built-in model's GGUF file, or a clear error."""
+    package, filename = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)  # importing the package would import `llm`
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -103,11 +132,20 @@ def builtin_model_dir(name: str) -> Path:
     source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / filename).is_file():
         raise FileNotFoundError(f"{source / filename} is missing; reinstall with {_INSTALL_HINT}")
-    # Building models draws random initial weights: keep the caller's RNG untouched, so a run's
-    # initialisation does not depend on whether this cache existed.
-    with torch.random.fork_rng(devices=[]):
-        _convert_gguf(source, filename, target, name)
-    return target
+    return source, filename
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    """Call ``write(directory)`` on a temporary directory beside ``target``, then rename it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(source: Path, filename: str, target: Path, name: str) -> None:
@@ -126,16 +164,12 @@ def _convert_gguf(source: Path, filename: str, target: Path, name: str) -> None:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     del gguf_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    _write_atomically(target, write)
 
 
 def resolve(name_or_path: str) -> str:
@@ -203,7 +237,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
     """Tokenizer from a hub id, local directory or built-in name; a pad token is ensured."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(source), trust_remote_code=trust_remote_code)
+    key = source.lower()
+    path = str(builtin_tokenizer_dir(key)) if key in BUILTIN_MODELS else source
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # Padding positions are masked out of the loss and attention, so any id works; the
         # EOS token itself stays a real target (its label is not replaced by padding).
@@ -216,13 +252,15 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.from_architecture():
-        arch = dict(cfg.architecture)
+        arch = dict(cfg.architecture or {})
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise ValueError("architecture needs model_type (e.g. llama)")
         config = AutoConfig.for_model(model_type, **arch)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         return model.to(_dtype(cfg.dtype) if cfg.dtype != "auto" else torch.float32)
+    if not cfg.name_or_path:
+        raise ValueError("name_or_path or architecture is required")
     return AutoModelForCausalLM.from_pretrained(
         resolve(cfg.name_or_path), dtype=_dtype(cfg.dtype),
         trust_remote_code=cfg.trust_remote_code)
@@ -324,6 +362,10 @@ def check_tokenizers(teacher_tok: PreTrainedTokenizerBase,
         f"teacher's family, or build it with student.init: architecture / teacher_layers.")
 
 
+def _output_rows(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 def shared_vocab_size(teacher: nn.Module | None, student: nn.Module, vocab: int) -> int | None:
     """``vocab_size`` for the losses: ``None`` when both output layers are exactly ``vocab``
     wide, else ``vocab`` (the padding rows beyond it are sliced off, never zero-padded).
@@ -331,9 +373,9 @@ def shared_vocab_size(teacher: nn.Module | None, student: nn.Module, vocab: int)
     Raises:
         ValueError: an output layer is narrower than the shared vocabulary.
     """
-    widths = {"student": student.get_output_embeddings().weight.shape[0]}
+    widths = {"student": _output_rows(student)}
     if teacher is not None:
-        widths["teacher"] = teacher.get_output_embeddings().weight.shape[0]
+        widths["teacher"] = _output_rows(teacher)
     narrow = {k: w for k, w in widths.items() if w < vocab}
     if narrow:
         raise ValueError(f"output layer narrower than the tokenizer's {vocab} tokens: {narrow}")

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from taid import cache as T
 from taid import checkpoint as CK
-from taid import chunked as C
 from taid import data as D
 from taid import models as M
-from taid import teacher as T
+from taid import sources as S
 from taid.config import Config, ConfigError, dump, first_difference, to_dict
 from taid.functional import resolve_vocab
 from taid.losses import DistillationLoss, build_loss
@@ -185,31 +185,18 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
 
 
-def teacher_source(s: Setup, batch: dict[str, Tensor]) -> C.TeacherSource:
+def teacher_source(s: Setup, batch: dict[str, Tensor]) -> S.TeacherSource:
     """The teacher for one batch, as a source of logit rows: read from the cache, or the
     model's last hidden states with its output layer (logits rebuilt chunk by chunk), or its
     logits."""
     if s.cache is not None:
         return s.cache.source(batch["example_ids"], batch["labels"])
-    teacher, acc = s.teacher, s.accelerator
-    inputs = model_inputs(batch)
-    with torch.no_grad():
-        if s.teacher_fused:
-            out = M.final_hidden(teacher, acc.unwrap_model(teacher), **inputs)
-        else:
-            out = teacher(**inputs, use_cache=False).logits
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("the teacher's outputs contain NaN or inf (check "
-                                 "teacher.dtype and train.mixed_precision)")
-    flat = out.reshape(-1, out.shape[-1])
-    if s.teacher_fused:
-        weight, bias = M.plain_linear_head(acc.unwrap_model(teacher))
-        return C.LinearTeacher(flat, weight, bias)
-    return C.LogitsTeacher(flat)
+    return S.from_model(s.teacher, model_inputs(batch), fused=s.teacher_fused,
+                        unwrapped=s.accelerator.unwrap_model(s.teacher))
 
 
 def batch_loss(s: Setup, batch: dict[str, Tensor], loss_fn: DistillationLoss,
-               teacher: C.TeacherSource | None = None) -> Any:
+               teacher: S.TeacherSource | None = None) -> Any:
     """The summed loss of one micro-batch (``reduction="sum"``) with its parts; ``teacher``
     is computed here when not given."""
     if loss_fn.divergence is not None and teacher is None:
@@ -252,8 +239,9 @@ def evaluate(s: Setup) -> dict[str, float]:
         if has_teacher:
             source = teacher_source(s, batch)
             width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
-            if s.loss_fn.divergence is not None:
-                totals[2] += s.loss_fn.compute(logits, source, labels).distill.double()
+            distill = s.loss_fn.compute(logits, source, labels).distill
+            if distill is not None:
+                totals[2] += distill.double()
             totals[3] += kl_fn.compute(logits, source, labels).loss.double()
             totals[4] += T.teacher_cross_entropy(source, labels, width)
     totals = acc.reduce(totals, reduction="sum")
@@ -277,7 +265,36 @@ def evaluate(s: Setup) -> dict[str, float]:
 # Set-up
 # --------------------------------------------------------------------------------------------
 def build(config: Config) -> Setup:
-    """Accelerator, models, tokenizer, data and loss, with every check before training."""
+    """Accelerator, models, tokenizer, data and loss, with every check before training.
+
+    The steps run in the order that makes mistakes cheap: the data and a teacher cache are
+    checked before any model is loaded.
+    """
+    accelerator = _setup_accelerator(config)
+    tokenizer = M.run_tokenizer(config)
+    train_examples, eval_examples, all_examples = _setup_data(config, tokenizer)
+    cache = _setup_cache(config, tokenizer, all_examples)
+    teacher, student, vocab = _setup_models(config, tokenizer, cache)
+    vocab_size = _shared_vocab(teacher, student, vocab, cache)
+    _check_token_ids(teacher, student, vocab, train_examples + eval_examples)
+    fused, teacher_fused = _loss_path(config, accelerator, teacher, student)
+    loss_fn = _setup_loss(config, vocab_size)
+    if config.data.packing:
+        train_examples = D.pack(train_examples, config.data.max_length)
+        eval_examples = D.pack(eval_examples, config.data.max_length)
+    student, teacher, optimizer, scheduler = _prepare(config, accelerator, student, teacher)
+    return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
+                 train_examples, eval_examples, vocab_size, optimizer, scheduler, cache)
+
+
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _setup_accelerator(config: Config) -> Any:
+    """The Accelerator, refused when it does not run the requested mode; seeds everything."""
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     trackers = config.log.trackers
@@ -299,29 +316,44 @@ def build(config: Config) -> Setup:
                           "engine keeps the optimizer state in its own pickled format, which "
                           "taid never loads); set train.save_every=0, or use FSDP")
     set_seed(config.seed)
+    return accelerator
 
-    tokenizer = M.run_tokenizer(config)
-    # Data first: its errors (missing file, empty, too long) come before any model is loaded
+
+def _setup_data(config: Config, tokenizer: Any
+                ) -> tuple[list[D.Example], list[D.Example], list[D.Example]]:
+    """Training and held-out examples, and all examples in the cache's numbering. Data come
+    first: their errors (missing file, empty, too long) cost no model loading."""
     train_examples, eval_examples = D.load_examples(config.data, tokenizer)
     all_examples = train_examples + eval_examples
     if not eval_examples:
         eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
         train_examples, eval_examples = D.split_eval(train_examples, config.data.eval_size,
                                                      eval_seed)
+    return train_examples, eval_examples, all_examples
 
-    # A teacher cache is checked against this run's tokenizer and data before any model loads.
-    # (With loss sft it only serves the held-out metrics: KL to the teacher, teacher perplexity.)
-    from_cache = config.teacher.source == "cache"
-    cache = None
-    if from_cache:
-        cache = T.TeacherCache(config.teacher.cache_dir)
-        run = T.identity(config, tokenizer, all_examples, cache.vocab_size)
-        run["vocab_size"] = None  # checked against the student below
-        cache.check(run)
 
-    # Models. From a cache the teacher is loaded only to cut the student from it.
+def _setup_cache(config: Config, tokenizer: Any, examples: list[D.Example]
+                 ) -> T.TeacherCache | None:
+    """The teacher cache, checked against this run's tokenizer and data before any model
+    loads (with loss sft it only serves the held-out metrics: KL to the teacher, its
+    perplexity)."""
+    if config.teacher.source != "cache":
+        return None
+    assert config.teacher.cache_dir, "validated: teacher.source=cache needs teacher.cache_dir"
+    cache = T.TeacherCache(config.teacher.cache_dir)
+    run = T.identity(config, tokenizer, examples, cache.vocab_size)
+    run["vocab_size"] = None  # checked against the student in _shared_vocab
+    cache.check(run)
+    return cache
+
+
+def _setup_models(config: Config, tokenizer: Any, cache: T.TeacherCache | None
+                  ) -> tuple[Any, Any, int]:
+    """Teacher (None when not needed), student and the run's vocabulary length. With a cache
+    the teacher is loaded only to cut the student from it."""
     teacher = None
-    if (config.loss.name != "sft" and not from_cache) or config.student.init == "teacher_layers":
+    needs_teacher = config.loss.name != "sft" and cache is None
+    if needs_teacher or config.student.init == "teacher_layers":
         # Its random draws (a teacher built from an architecture) must not shift the student's,
         # so that a run from a cache initialises the student as the run beside the teacher.
         with torch.random.fork_rng(devices=[]):
@@ -331,27 +363,51 @@ def build(config: Config) -> Setup:
     s_cfg = config.student
     vocab = len(tokenizer)
     if s_cfg.init == "teacher_layers":
-        student = M.student_from_teacher_layers(teacher, s_cfg.layers, s_cfg.dtype)
+        assert teacher is not None and s_cfg.layers is not None  # validated
+        student = M.student_from_teacher_layers(teacher,  # type: ignore[arg-type]
+                                                s_cfg.layers, s_cfg.dtype)
     else:
         student = M.load_model(s_cfg)
         if s_cfg.init == "pretrained":
-            vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(
-                s_cfg.tokenizer or s_cfg.name_or_path, s_cfg.trust_remote_code))
-    if config.loss.name == "sft" or from_cache:
-        teacher = None  # only needed to cut the student from
+            source = s_cfg.tokenizer or s_cfg.name_or_path
+            assert source is not None  # validated: a pretrained student names its weights
+            vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(source,
+                                                                   s_cfg.trust_remote_code))
+    return (teacher if needs_teacher else None), student, vocab
+
+
+def _shared_vocab(teacher: Any, student: Any, vocab: int, cache: T.TeacherCache | None
+                  ) -> int | None:
+    """The width both sides are sliced to; a cache must cover the run's vocabulary."""
     vocab_size = M.shared_vocab_size(teacher, student, vocab)
-    if cache is not None:
-        if vocab != cache.vocab_size and (cache.mode == "topk" or vocab > cache.vocab_size):
-            raise T.CacheError(
-                f"teacher cache {cache.root}: vocab_size differs (cache: {cache.vocab_size}, "
-                f"this run distils over {vocab} ids); a {cache.mode} cache serves a run over "
-                f"{'exactly its' if cache.mode == 'topk' else 'at most its'} vocabulary: "
-                f"rewrite it with this run's tokenizer")
-        vocab_size = vocab
-    # Loss and its path
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cache is None:
+        return vocab_size
+    if vocab != cache.vocab_size and (cache.mode == "topk" or vocab > cache.vocab_size):
+        raise T.CacheError(
+            f"teacher cache {cache.root}: vocab_size differs (cache: {cache.vocab_size}, "
+            f"this run distils over {vocab} ids); a {cache.mode} cache serves a run over "
+            f"{'exactly its' if cache.mode == 'topk' else 'at most its'} vocabulary: "
+            f"rewrite it with this run's tokenizer")
+    return vocab
+
+
+def _check_token_ids(teacher: Any, student: Any, vocab: int,
+                     examples: list[D.Example]) -> None:
+    rows_in = min(m.get_input_embeddings().weight.shape[0] for m in (teacher, student)
+                  if m is not None)
+    top = max(max(ex.input_ids) for ex in examples)
+    if top >= min(rows_in, vocab):
+        raise ConfigError(f"the data has token id {top}, beyond the shared vocabulary "
+                          f"({vocab}) or an embedding ({rows_in} rows); tokenize with the "
+                          f"smaller model's tokenizer (teacher.tokenizer)")
+
+
+def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any
+               ) -> tuple[bool, bool]:
+    """Whether the student's loss is fused with its output layer, and whether the teacher's
+    logits are rebuilt from its hidden states (both need a plain, unsharded linear head)."""
     impl = config.loss.implementation
-    fused_ok = not sharded
+    fused_ok = not _sharded(accelerator)
     if fused_ok:
         try:
             M.plain_linear_head(student)
@@ -370,41 +426,36 @@ def build(config: Config) -> Setup:
             teacher_fused = True
         except ValueError:
             teacher_fused = False
+    return fused, teacher_fused
+
+
+def _setup_loss(config: Config, vocab_size: int | None) -> DistillationLoss:
     loss_kwargs = dict(config.loss.params)
     loss_kwargs.setdefault("vocab_size", vocab_size)
     if config.loss.name == "taid":
         loss_kwargs["total_steps"] = config.train.max_steps
-    loss_fn = build_loss(config.loss.name, reduction="sum",
-                         implementation="eager" if impl == "eager" else "chunked", **loss_kwargs)
+    impl = "eager" if config.loss.implementation == "eager" else "chunked"
+    return build_loss(config.loss.name, reduction="sum", implementation=impl, **loss_kwargs)
 
-    rows_in = min(m.get_input_embeddings().weight.shape[0] for m in (teacher, student)
-                  if m is not None)
-    top = max(max(ex.input_ids) for ex in train_examples + eval_examples)
-    if top >= min(rows_in, vocab):
-        raise ConfigError(f"the data has token id {top}, beyond the shared vocabulary "
-                          f"({vocab}) or an embedding ({rows_in} rows); tokenize with the "
-                          f"smaller model's tokenizer (teacher.tokenizer)")
-    if config.data.packing:
-        train_examples = D.pack(train_examples, config.data.max_length)
-        eval_examples = D.pack(eval_examples, config.data.max_length)
 
-    # Devices, precision, distribution
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr,
-                                  betas=tuple(config.train.betas),
-                                  weight_decay=config.train.weight_decay)
+def _prepare(config: Config, accelerator: Any, student: Any, teacher: Any
+             ) -> tuple[Any, Any, Any, Any]:
+    """Optimizer and LR schedule; devices, precision and distribution through accelerate."""
     from transformers import get_scheduler
 
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr,
+                                  betas=(config.train.betas[0], config.train.betas[1]),
+                                  weight_decay=config.train.weight_decay)
     scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
                               num_warmup_steps=config.train.warmup_steps,
                               num_training_steps=config.train.max_steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if teacher is not None:
-        if sharded:  # shard the teacher like the student instead of replicating it per rank
+        if _sharded(accelerator):  # shard the teacher like the student, not one per rank
             teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-        else:  # frozen and replicated: just moved (and kept out of the checkpoints)
+        else:  # frozen and replicated: just moved (and never in a checkpoint)
             teacher = teacher.to(accelerator.device)
-    return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
-                 train_examples, eval_examples, vocab_size, optimizer, scheduler, cache)
+    return student, teacher, optimizer, scheduler
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +518,8 @@ def train(config: Config) -> dict[str, Any]:
                   for b in micro]
         data_s = time.perf_counter() - step_start
         # The denominator: valid tokens of the whole optimizer step, all micro-batches, all ranks.
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        ignore = s.loss_fn.ignore_index  # == D.IGNORE_INDEX, what the collator writes
+        local_tokens = sum(int((b["labels"] != ignore).sum()) for b in micro)
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device),
                                        reduction="sum").item())
         scale = acc.num_processes / max(global_tokens, 1)  # DDP averages over ranks
@@ -497,8 +549,7 @@ def train(config: Config) -> dict[str, Any]:
         # Token-weighted values of the whole step, identical on every rank.
         sums = acc.reduce(sums, reduction="sum") / max(global_tokens, 1)
         loss_value, distill_value, ce_value = (float(x) for x in sums)
-        t_before = getattr(s.loss_fn, "t", None)
-        s.loss_fn.step(distill_value)
+        schedule = s.loss_fn.advance(distill_value)
         state.step += 1
         state.data = stream.state_dict()
         tokens_seen += global_tokens
@@ -512,16 +563,13 @@ def train(config: Config) -> dict[str, Any]:
             record["ce"] = ce_value
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if t_before is not None:
-            sched = s.loss_fn.scheduler
-            record.update({"t": t_before, "t_next": sched.t, "dt": sched.dt,
-                           "momentum": sched.momentum})
+        record.update(schedule)
         state.history.append({k: record[k] for k in ("step", "loss", "t") if k in record})
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             _log(acc, metrics_path, record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", t=f"{t_before or 0:.3f}",
+            progress.set_postfix(loss=f"{loss_value:.4f}", t=f"{schedule.get('t', 0):.3f}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             _log(acc, metrics_path, {"step": state.step, **evaluate(s)})

@@ -26,13 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from taid.losses import DistillationLoss, build_loss
+from taid.losses import DistillationLoss, TAIDLoss, build_loss
+
+if TYPE_CHECKING:  # the mixin is always combined with a Trainer; let the type checker know
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
 STATE_FILE = "taid_state.json"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -54,7 +59,7 @@ class _StepCallback(TrainerCallback):
         return control
 
 
-class TAIDTrainerMixin:
+class TAIDTrainerMixin(_TrainerBase):
     """The distillation behaviour of :class:`TAIDTrainer`, for any ``transformers.Trainer``
     subclass: ``class MySFT(TAIDTrainerMixin, trl.SFTTrainer): ...`` keeps TRL's data handling
     and replaces its loss. Arguments as :class:`TAIDTrainer`.
@@ -80,6 +85,7 @@ class TAIDTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self._step_sums = torch.zeros(2, dtype=torch.float64)  # distill sum, tokens
         self._last_distill: float | None = None
+        self._last_schedule: dict[str, float] = {}
         self.add_callback(_StepCallback(self))
 
     # -- loss --------------------------------------------------------------------------------
@@ -102,7 +108,8 @@ class TAIDTrainerMixin:
             self.loss_fn = self._new_loss(int(self.state.max_steps))
         self.loss_fn.reduction = "sum"
         state = getattr(self, "_pending_state", None)
-        if state is not None:  # resuming: the schedule continues where the checkpoint left it
+        if state is not None and isinstance(self.loss_fn, TAIDLoss):
+            # resuming: the schedule continues where the checkpoint left it
             self.loss_fn.scheduler.load_state_dict(state)
             self._pending_state = None
 
@@ -115,8 +122,10 @@ class TAIDTrainerMixin:
         # only the model's inputs: collators (TRL's) may add masks the forward does not take
         inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
         outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits[:, :-1]
-        targets = labels[:, 1:]  # transformers labels are unshifted; ours: position i -> i + 1
+        logits = outputs.logits
+        # transformers labels are unshifted; ours are aligned with the logits (position i
+        # predicts targets[i]). Shifting the labels, not the logits, copies no N x V tensor.
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
         teacher_logits = None
         if loss_fn.divergence is not None:
             if self.teacher is None:
@@ -125,8 +134,9 @@ class TAIDTrainerMixin:
             if next(self.teacher.parameters()).device != device:
                 self.teacher.to(device)
             with torch.no_grad():
-                teacher_logits = self.teacher(**inputs, use_cache=False).logits[:, :-1]
+                teacher_logits = self.teacher(**inputs, use_cache=False).logits
         out = loss_fn.compute(logits, teacher_logits, targets)
+        denominator: torch.Tensor | int
         if num_items_in_batch is None:
             denominator = out.num_tokens.clamp_min(1)
             scale = 1.0
@@ -148,16 +158,13 @@ class TAIDTrainerMixin:
         self._step_sums.zero_()
         if sums[1] > 0 and self.loss_fn is not None:
             self._last_distill = float(sums[0] / sums[1])
-            self.loss_fn.step(self._last_distill)
+            self._last_schedule = self.loss_fn.advance(self._last_distill)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.loss_fn is not None and "loss" in logs:
             if self._last_distill is not None:
                 logs["distill"] = self._last_distill
-            sched = getattr(self.loss_fn, "scheduler", None)
-            if sched is not None:
-                logs.update({"taid_t": sched.t, "taid_dt": sched.dt,
-                             "taid_momentum": sched.momentum})
+            logs.update(self._last_schedule)  # the same keys as taid's own loop
         super().log(logs, start_time)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -188,8 +195,8 @@ class TAIDTrainer(TAIDTrainerMixin, Trainer):
 
     Args:
         teacher_model: the teacher (a causal LM with the student's tokenizer).
-        loss: a registry name (``taid``, ``fkl``, ``rkl``, ``tvd``, ``jsd``, ``skl``, ``srkl``,
-            ``akl``, ``sft``) or a built :class:`~taid.losses.DistillationLoss`.
+        loss: a registry name (any key of :data:`taid.LOSSES`: ``taid``, the baselines,
+            ``sft``) or a built :class:`~taid.losses.DistillationLoss`.
         loss_kwargs: keyword arguments of the loss (``t_start``, ``alpha``, ``distill_weight``,
             ...). For ``taid``, ``total_steps`` defaults to the Trainer's number of optimizer
             steps.

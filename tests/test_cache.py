@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from taid import cache as T
 from taid import data as D
 from taid import functional as TF
-from taid import teacher as T
 from taid import trainer as TR
-from taid.chunked import TopKTeacher
 from taid.config import load_config
 from taid.losses import LOSSES, build_loss
+from taid.sources import TopKTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -34,9 +35,28 @@ def config(tmp_path: Path, *overrides: str):
                                f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL, *overrides])
 
 
+_WRITTEN: dict[tuple[str, ...], Path] = {}  # overrides -> a cache written once per module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _written_once(tmp_path_factory):
+    """Caches written by :func:`written`, shared by this module's tests (each gets a copy)."""
+    _WRITTEN.clear()
+    _WRITTEN[("__root__",)] = tmp_path_factory.mktemp("written")
+    yield
+    _WRITTEN.clear()
+
+
 def written(tmp_path: Path, *overrides: str):
+    """The config of ``tmp_path`` with its cache written: a copy of the module's cache of the
+    same settings (writing is the slow part of these tests), or a fresh write."""
     cfg = config(tmp_path, *overrides)
-    T.write_cache(cfg)
+    if overrides not in _WRITTEN:
+        store = _WRITTEN[("__root__",)] / f"cache-{len(_WRITTEN)}"
+        T.write_cache(config(store.parent / f"run-{len(_WRITTEN)}", *overrides,
+                             f"teacher.cache_dir={store}"))
+        _WRITTEN[overrides] = store
+    shutil.copytree(_WRITTEN[overrides], cfg.teacher.cache_dir)
     return cfg
 
 

@@ -7,12 +7,12 @@ forms, each read back as a full teacher distribution over ``V`` ids:
 
 - ``topk``: the ``k`` largest log-probabilities and their ids (ids packed into the fewest bytes
   that hold ``V - 1``: 2 bytes for ``V <= 65536``). Read as
-  :class:`taid.chunked.TopKTeacher`: the top ``k`` exact, the remaining mass
+  :class:`taid.sources.TopKTeacher`: the top ``k`` exact, the remaining mass
   ``r = 1 - sum(exp(top))`` spread evenly over the other ``V - k`` ids.
 - ``hidden``: the teacher's last hidden states, with its output layer stored once
-  (``head.safetensors``); logits are rebuilt chunk by chunk (:class:`taid.chunked.LinearTeacher`),
+  (``head.safetensors``); logits are rebuilt chunk by chunk (:class:`taid.sources.LinearTeacher`),
   exactly the online teacher's when stored in float32.
-- ``full``: the logits themselves (:class:`taid.chunked.LogitsTeacher`).
+- ``full``: the logits themselves (:class:`taid.sources.LogitsTeacher`).
 
 Directory layout::
 
@@ -36,18 +36,19 @@ import os
 import shutil
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from taid import checkpoint as CK
 from taid import chunked as C
 from taid import data as D
 from taid import models as M
+from taid import sources as S
 from taid.config import Config, ConfigError
 from taid.config import first_difference as config_difference
 
@@ -224,27 +225,32 @@ def teacher_rows(teacher: torch.nn.Module, batch: dict[str, Tensor], mode: str, 
     inputs = {key: v for key, v in batch.items() if key not in ("labels", "example_ids")}
     valid = (batch["labels"] != D.IGNORE_INDEX).reshape(-1)
     try:
-        weight, bias = M.plain_linear_head(teacher)
+        M.plain_linear_head(teacher)
+        fused = True
     except ValueError as e:
         if mode == "hidden":
             raise CacheError(f"cache.mode=hidden needs a plain linear output layer: {e}; use "
                              f"cache.mode=topk or full") from None
-        weight = bias = None
-    if weight is not None:
-        hidden = M.final_hidden(teacher, teacher, **inputs)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[valid]
+        fused = False
+    try:
+        everything = S.from_model(teacher, inputs, fused=fused)
+    except FloatingPointError as e:
+        ids = batch.get("example_ids")
+        which = f" (examples {ids.tolist()})" if ids is not None else ""
+        raise FloatingPointError(f"{e}{which}") from None
+    # The stored rows: target tokens only
+    source: S.TeacherSource
+    if isinstance(everything, S.LinearTeacher):
         if mode == "hidden":
-            _check_finite(hidden, batch)
-            return {"hidden": hidden.to(dtype)}
-        source: C.TeacherSource = C.LinearTeacher(hidden, weight, bias)
+            return {"hidden": everything.hidden[valid].to(dtype)}
+        source = S.LinearTeacher(everything.hidden[valid], everything.weight, everything.bias)
     else:
-        logits = teacher(**inputs, use_cache=False).logits
-        source = C.LogitsTeacher(logits.reshape(-1, logits.shape[-1])[valid])
+        source = S.LogitsTeacher(everything.logits[valid])  # type: ignore[attr-defined]
     n = source.num_rows  # >= 1: examples without a target token are dropped when tokenized
     chunk = C.default_chunk_size(n, vocab_size, valid.device)
     parts: dict[str, list[Tensor]] = {name: [] for name in STORED[mode]}
     nbytes = id_bytes(vocab_size)
-    raw = _raw_rows(source, vocab_size)
+    raw = S.exact_logits(source, vocab_size)
     for start in range(0, n, chunk):
         z = raw(slice(start, min(start + chunk, n)))
         _check_finite(z, batch)
@@ -282,28 +288,6 @@ def canonical_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = values.gather(-1, by_id)
     values, by_value = values.sort(dim=-1, descending=True, stable=True)
     return values, ids.gather(-1, by_value)
-
-
-def _raw_rows(source: C.TeacherSource, width: int) -> Callable[[slice], Tensor]:
-    """A function giving float32 teacher logits for a slice of rows, the same bytes however
-    many threads or processes compute them.
-
-    On CPU, BLAS libraries (MKL) choose their blocking by the thread count, so a float32
-    product of a few rows with the output layer can differ in its last bits between one and two
-    threads; formed in float64 and rounded to float32, it does not (barring a tie at a rounding
-    boundary, about one value in 2^29). The sources replace -inf by a large negative stand-in;
-    -inf never occurs in real teacher logits, and NaN and +inf are reported by the caller.
-    """
-    if not isinstance(source, C.LinearTeacher):
-        logits = source.logits  # type: ignore[attr-defined]
-        return lambda rows: logits[rows, :width].float()
-    hidden, weight = source.hidden, source.weight[:width]
-    bias = None if source.bias is None else source.bias[:width]
-    if hidden.device.type != "cpu":
-        return lambda rows: F.linear(hidden[rows], weight, bias).float()
-    weight64 = weight.double()
-    bias64 = None if bias is None else bias.double()
-    return lambda rows: F.linear(hidden[rows].double(), weight64, bias64).float()
 
 
 def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
@@ -379,6 +363,45 @@ def _shard_metadata(path: Path) -> dict[str, Any] | None:
         return None
 
 
+@dataclass
+class _Writer:
+    """What every step of :func:`write_cache` shares."""
+
+    config: Config
+    acc: Any
+    root: Path
+    tokenizer: Any
+    examples: list[D.Example]
+    teacher: Any
+    vocab: int
+    ident: dict[str, Any]
+    key: str
+
+    @property
+    def mode(self) -> str:
+        return self.config.cache.mode
+
+    @property
+    def per_shard(self) -> int:
+        return self.config.cache.examples_per_shard
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, math.ceil(len(self.examples) / self.per_shard))
+
+    def shard_range(self, j: int) -> tuple[int, int]:
+        first = j * self.per_shard
+        return first, min(self.per_shard, len(self.examples) - first)
+
+    def shard_examples(self, j: int) -> list[D.Example]:
+        first, count = self.shard_range(j)
+        return self.examples[first:first + count]
+
+    def stamp(self, j: int) -> dict[str, Any]:
+        first, count = self.shard_range(j)
+        return {"identity": self.key, "first_example": first, "num_examples": count}
+
+
 def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     """Run the teacher of ``config`` over the run's examples and write the cache to
     ``teacher.cache_dir`` (see the module docstring). Call it in every process of an
@@ -388,6 +411,20 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
         CacheError: the directory holds a cache with other settings (unless
             ``cache.overwrite``), or the teacher's output layer does not allow the mode.
     """
+    w = _start_writer(config)
+    _prepare_directory(w)
+    todo = [j for j in range(w.num_shards) if j % w.acc.num_processes == w.acc.process_index
+            and not _intact(w.root / _shard_name(j), w.stamp(j))]
+    _write_shards(w, todo, config.log.progress if progress is None else progress)
+    w.acc.wait_for_everyone()
+    if w.acc.is_main_process:
+        _write_manifest(w)
+    w.acc.wait_for_everyone()
+    return w.root
+
+
+def _start_writer(config: Config) -> _Writer:
+    """Checks, the Accelerator, the tokenized examples, the teacher and the cache identity."""
     from accelerate.utils import set_seed
 
     if not config.teacher.cache_dir:
@@ -395,7 +432,6 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     if not (config.teacher.name_or_path or config.teacher.architecture):
         raise ConfigError("teacher.name_or_path (or teacher.architecture) is required to "
                           "write a teacher cache")
-    root = Path(config.teacher.cache_dir)
     acc = M.make_accelerator(config.train.collective_timeout_s)
     set_seed(config.seed)  # a teacher built from an architecture gets the trainer's weights
     tokenizer = M.run_tokenizer(config)
@@ -408,107 +444,104 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     ident = identity(config, tokenizer, examples, vocab)
     ident["teacher_weights_sha256"] = weights_hash(teacher)
     ident["num_target_tokens"] = sum(target_rows(ex) for ex in examples)
-    key = _identity_key(ident)
-    mode, dtype = config.cache.mode, getattr(torch, resolved_dtype(config))
+    return _Writer(config, acc, Path(config.teacher.cache_dir), tokenizer, examples, teacher,
+                   vocab, ident, _identity_key(ident))
 
-    # Every process checks an existing manifest, so that a refusal stops all of them.
-    manifest_path = root / MANIFEST
+
+def _prepare_directory(w: _Writer) -> None:
+    """Refuse a directory holding another cache (unless ``cache.overwrite``), else make it and
+    write the output layer of a hidden cache. Every process checks the manifest, so that a
+    refusal stops all of them."""
+    manifest_path = w.root / MANIFEST
     diff = None
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
-            diff = first_difference(old, ident)
+            diff = first_difference(old, w.ident)
             if diff is None and old.get("teacher_weights_sha256") != \
-                    ident["teacher_weights_sha256"]:
+                    w.ident["teacher_weights_sha256"]:
                 diff = ("teacher_weights_sha256", old.get("teacher_weights_sha256"),
-                        ident["teacher_weights_sha256"])
+                        w.ident["teacher_weights_sha256"])
         except json.JSONDecodeError:
             diff = ("manifest.json", "unreadable", "a new cache")
-    if diff is not None and not config.cache.overwrite:
+    if diff is not None and not w.config.cache.overwrite:
         name, have, want = diff
-        raise CacheError(f"{root} holds a teacher cache written with other settings "
+        raise CacheError(f"{w.root} holds a teacher cache written with other settings "
                          f"({name} differs: cache {have!r}, now {want!r}); choose another "
                          f"teacher.cache_dir or set cache.overwrite=true")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    w.acc.wait_for_everyone()
+    if w.acc.is_main_process:
         if diff is not None:
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        if mode == "hidden":
-            weight, bias = M.plain_linear_head(teacher)
+            shutil.rmtree(w.root)
+        w.root.mkdir(parents=True, exist_ok=True)
+        if w.mode == "hidden":
+            weight, bias = M.plain_linear_head(w.teacher)
             head = {"weight": weight.detach()}
             if bias is not None:
                 head["bias"] = bias.detach()
-            _atomic_save(head, root / HEAD, {"identity": key})
-    acc.wait_for_everyone()
+            _atomic_save(head, w.root / HEAD, {"identity": w.key})
+    w.acc.wait_for_everyone()
 
-    per_shard = config.cache.examples_per_shard
-    n_shards = max(1, math.ceil(len(examples) / per_shard))
-    mine = [j for j in range(n_shards) if j % acc.num_processes == acc.process_index]
-    todo = []
-    for j in mine:
-        first = j * per_shard
-        count = min(per_shard, len(examples) - first)
-        expected = {"identity": key, "first_example": first, "num_examples": count}
-        if not _intact(root / _shard_name(j), expected):
-            todo.append((j, first, count))
-    batch_size = config.cache.batch_size or config.train.batch_size
-    total = sum(len(ex.input_ids) for j, first, count in todo
-                for ex in examples[first:first + count])
+
+def _write_shards(w: _Writer, todo: list[int], show_progress: bool) -> None:
+    """Run the teacher over each shard of ``todo`` and write it (atomically)."""
     bar = None
-    show = config.log.progress if progress is None else progress
-    if show and acc.is_local_main_process and todo:
+    if show_progress and w.acc.is_local_main_process and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total * acc.num_processes, unit="tok", unit_scale=True,
-                   desc=f"cache {mode}", dynamic_ncols=True)
-    for j, first, count in todo:
-        shard = examples[first:first + count]
-        # Longest first, so batches pad little; rows are put back in example order below.
-        order = sorted(range(count), key=lambda i: -len(shard[i].input_ids))
-        per_example: list[dict[str, Tensor]] = [{} for _ in range(count)]
-        for b in range(0, count, batch_size):
-            chosen = order[b:b + batch_size]
-            batch = {k: v.to(acc.device) for k, v in D.collate(
-                [shard[i] for i in chosen], tokenizer.pad_token_id, packed=False).items()}
-            rows = teacher_rows(teacher, batch, mode, vocab_size=vocab, k=config.cache.k,
-                                dtype=dtype)
-            counts = (batch["labels"] != D.IGNORE_INDEX).sum(1).tolist()
-            for name, value in rows.items():
-                for i, part in zip(chosen, value.cpu().split(counts)):
-                    per_example[i][name] = part
-            if bar is not None:
-                bar.update(sum(len(shard[i].input_ids) for i in chosen) * acc.num_processes)
-        counts = [per_example[i][STORED[mode][0]].shape[0] for i in range(count)]
-        offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
-        tensors = {"offsets": offsets}
-        for name in STORED[mode]:
-            tensors[name] = torch.cat([per_example[i][name] for i in range(count)])
-        _atomic_save(tensors, root / _shard_name(j),
-                     {"identity": key, "first_example": first, "num_examples": count})
+        total = sum(len(ex.input_ids) for j in todo for ex in w.shard_examples(j))
+        bar = tqdm(total=total * w.acc.num_processes, unit="tok", unit_scale=True,
+                   desc=f"cache {w.mode}", dynamic_ncols=True)
+    for j in todo:
+        per_example = _shard_rows(w, w.shard_examples(j), bar)
+        counts = [rows[STORED[w.mode][0]].shape[0] for rows in per_example]
+        tensors = {"offsets": torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)}
+        for name in STORED[w.mode]:
+            tensors[name] = torch.cat([rows[name] for rows in per_example])
+        _atomic_save(tensors, w.root / _shard_name(j), w.stamp(j))
     if bar is not None:
         bar.close()
-    acc.wait_for_everyone()
 
-    if acc.is_main_process:
-        shards = []
-        for j in range(n_shards):
-            path = root / _shard_name(j)
-            first = j * per_shard
-            offsets = _read_tensor(path, "offsets")
-            shards.append({"file": path.name, "first_example": first,
-                           "num_examples": offsets.numel() - 1,
-                           "num_rows": int(offsets[-1]), "bytes": path.stat().st_size,
-                           "sha256": CK.file_sha256(path)})
-        manifest = {**ident, "identity": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "examples_per_shard": per_shard, "id_bytes": id_bytes(vocab),
-                    "hidden_size": teacher.config.hidden_size, "shards": shards}
-        if mode == "hidden":
-            manifest["head"] = {"file": HEAD, "bytes": (root / HEAD).stat().st_size,
-                                "sha256": CK.file_sha256(root / HEAD)}
-        _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    acc.wait_for_everyone()
-    return root
+
+def _shard_rows(w: _Writer, shard: list[D.Example], bar: Any) -> list[dict[str, Tensor]]:
+    """The stored rows of each example of a shard, in example order."""
+    batch_size = w.config.cache.batch_size or w.config.train.batch_size
+    dtype = getattr(torch, resolved_dtype(w.config))
+    # Longest first, so batches pad little; rows are put back in example order.
+    order = sorted(range(len(shard)), key=lambda i: -len(shard[i].input_ids))
+    per_example: list[dict[str, Tensor]] = [{} for _ in shard]
+    for b in range(0, len(shard), batch_size):
+        chosen = order[b:b + batch_size]
+        batch = {k: v.to(w.acc.device) for k, v in D.collate(
+            [shard[i] for i in chosen], w.tokenizer.pad_token_id, packed=False).items()}
+        rows = teacher_rows(w.teacher, batch, w.mode, vocab_size=w.vocab, k=w.config.cache.k,
+                            dtype=dtype)
+        counts = (batch["labels"] != D.IGNORE_INDEX).sum(1).tolist()
+        for name, value in rows.items():
+            for i, part in zip(chosen, value.cpu().split(counts)):
+                per_example[i][name] = part
+        if bar is not None:
+            bar.update(sum(len(shard[i].input_ids) for i in chosen) * w.acc.num_processes)
+    return per_example
+
+
+def _write_manifest(w: _Writer) -> None:
+    """The manifest, from the shards on disk (each checked or written by this run)."""
+    shards = []
+    for j in range(w.num_shards):
+        path = w.root / _shard_name(j)
+        offsets = _read_tensor(path, "offsets")
+        shards.append({"file": path.name, "first_example": w.shard_range(j)[0],
+                       "num_examples": offsets.numel() - 1,
+                       "num_rows": int(offsets[-1]), "bytes": path.stat().st_size,
+                       "sha256": CK.file_sha256(path)})
+    manifest = {**w.ident, "identity": w.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "examples_per_shard": w.per_shard, "id_bytes": id_bytes(w.vocab),
+                "hidden_size": w.teacher.config.hidden_size, "shards": shards}
+    if w.mode == "hidden":
+        manifest["head"] = {"file": HEAD, "bytes": (w.root / HEAD).stat().st_size,
+                            "sha256": CK.file_sha256(w.root / HEAD)}
+    _atomic_write_text(w.root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _read_tensor(path: Path, name: str) -> Tensor:
@@ -637,7 +670,7 @@ class TeacherCache:
         return {k: v.to(device) for k, v in self._head.items()}
 
     def source(self, example_ids: Sequence[int] | Tensor, labels: Tensor, *,
-               ignore_index: int = D.IGNORE_INDEX) -> C.TeacherSource:
+               ignore_index: int = D.IGNORE_INDEX) -> S.TeacherSource:
         """The teacher for a batch: ``example_ids`` in the batch's row-major order and its
         ``labels`` (whose valid positions the rows correspond to), on ``labels``' device.
 
@@ -647,16 +680,16 @@ class TeacherCache:
         """
         rows = self.example_rows(example_ids)
         device = labels.device
-        inner: C.TeacherSource
+        inner: S.TeacherSource
         if self.mode == "topk":
-            inner = C.TopKTeacher(rows["log_probs"].to(device), unpack_ids(rows["ids"].to(device)),
+            inner = S.TopKTeacher(rows["log_probs"].to(device), unpack_ids(rows["ids"].to(device)),
                                   self.vocab_size)
         elif self.mode == "hidden":
             head = self.head(device)
-            inner = C.LinearTeacher(rows["hidden"].to(device, head["weight"].dtype),
+            inner = S.LinearTeacher(rows["hidden"].to(device, head["weight"].dtype),
                                     head["weight"], head.get("bias"))
         else:
-            inner = C.LogitsTeacher(rows["logits"].to(device))
+            inner = S.LogitsTeacher(rows["logits"].to(device))
         valid = (labels != ignore_index).reshape(-1)
         if inner.num_rows != int(valid.sum()):
             ids = example_ids.tolist() if isinstance(example_ids, Tensor) else list(example_ids)
@@ -664,10 +697,10 @@ class TeacherCache:
                              f"{ids[:8]}{'...' if len(ids) > 8 else ''} but the batch has "
                              f"{int(valid.sum())} target tokens: the data or its tokenization "
                              f"changed since the cache was written; rewrite it")
-        return C.ValidRowsTeacher(inner, valid)
+        return S.ValidRowsTeacher(inner, valid)
 
 
-def teacher_cross_entropy(source: C.TeacherSource, labels: Tensor, width: int, *,
+def teacher_cross_entropy(source: S.TeacherSource, labels: Tensor, width: int, *,
                           ignore_index: int = D.IGNORE_INDEX) -> Tensor:
     """Summed ``-log p_T(label)`` over the valid positions of ``labels`` (float64 scalar),
     chunk by chunk from any teacher source."""
