@@ -107,8 +107,12 @@ def worker(method: str, n: int, v: int, h: int, reps: int) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     grad_bytes = sum(x.numel() * 4 for x in leaves) if method in ("linear", "fused") else 0
-    return {"time": min(times), "extra": extra, "grad_bytes": grad_bytes,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return {
+        "time": min(times),
+        "extra": extra,
+        "grad_bytes": grad_bytes,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,11 +129,18 @@ def step_benchmark(reps: int) -> list[tuple[str, float]]:
     vocab, seq, batch = 49152, 256, 4
 
     def model(hidden, layers):
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-            num_hidden_layers=layers, num_attention_heads=hidden // 64,
-            num_key_value_heads=hidden // 64, max_position_embeddings=seq,
-            tie_word_embeddings=True))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=3 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=hidden // 64,
+                num_key_value_heads=hidden // 64,
+                max_position_embeddings=seq,
+                tie_word_embeddings=True,
+            )
+        )
 
     teacher = model(384, 4).eval().requires_grad_(False)
     student = model(192, 2)
@@ -182,24 +193,34 @@ def run_case(method: str, n: int, v: int, h: int, reps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "V", "H", "REPS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=5, metavar=("METHOD", "N", "V", "H", "REPS"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--quick", action="store_true", help="N=1024, V=32000 only")
     parser.add_argument("--hidden", type=int, default=576, help="H of the fused cases")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per case (min taken)")
     parser.add_argument("--step", action="store_true", help="also time a whole step")
-    parser.add_argument("--skip-eager-above", type=float, default=6e8,
-                        help="skip eager when N*V exceeds this (memory)")
+    parser.add_argument(
+        "--skip-eager-above",
+        type=float,
+        default=6e8,
+        help="skip eager when N*V exceeds this (memory)",
+    )
     args = parser.parse_args()
     if args.worker:
         method, n, v, h, reps = args.worker
         print(json.dumps(worker(method, int(n), int(v), int(h), int(reps))))
         return
 
-    cases = [(1024, 32000)] if args.quick else [
-        (n, v) for n in (1024, 4096) for v in (32000, 49152, 128256)]
-    header = ("| N | V | method | time (s) | time / CE | extra memory (x N*V fp32) | "
-              "of which hidden+W grads |")
+    cases = (
+        [(1024, 32000)]
+        if args.quick
+        else [(n, v) for n in (1024, 4096) for v in (32000, 49152, 128256)]
+    )
+    header = (
+        "| N | V | method | time (s) | time / CE | extra memory (x N*V fp32) | "
+        "of which hidden+W grads |"
+    )
     print(header)
     print("|" + "---|" * 7)
     device = None
@@ -220,10 +241,15 @@ def main() -> None:
                 continue
             ratio = f"{r['time'] / ce_time:.2f}" if ce_time else "-"
             grads = f"{r['grad_bytes'] / nv_bytes:.3f}" if r["grad_bytes"] else "-"
-            print(f"| {n} | {v} | {method} | {r['time']:.3f} | {ratio} | "
-                  f"{r['extra'] / nv_bytes:.2f} | {grads} |", flush=True)
-    print(f"\ndevice: {device}; H = {args.hidden}; min of {args.reps} runs after one warm-up "
-          f"(the warm-up measures memory)")
+            print(
+                f"| {n} | {v} | {method} | {r['time']:.3f} | {ratio} | "
+                f"{r['extra'] / nv_bytes:.2f} | {grads} |",
+                flush=True,
+            )
+    print(
+        f"\ndevice: {device}; H = {args.hidden}; min of {args.reps} runs after one warm-up "
+        f"(the warm-up measures memory)"
+    )
     if args.step:
         rows = step_benchmark(args.reps)
         base = rows[0][1]

@@ -51,11 +51,22 @@ def bytes_per_token(out: Path) -> list[str]:
     lines = ["| mode | dtype | bytes per target token | vs full float32 |", "|---|---|---|---|"]
     full = None
     sizes = {}
-    for mode, dtype in (("full", "float32"), ("full", "bfloat16"), ("hidden", "bfloat16"),
-                        ("hidden", "float32"), ("topk", "float16")):
+    for mode, dtype in (
+        ("full", "float32"),
+        ("full", "bfloat16"),
+        ("hidden", "bfloat16"),
+        ("hidden", "float32"),
+        ("topk", "float16"),
+    ):
         where = out / f"sub-{mode}-{dtype}"
-        c = cfg(out, f"teacher.cache_dir={where}", f"cache.mode={mode}", f"cache.dtype={dtype}",
-                "data.max_examples=16", "data.eval_size=4")
+        c = cfg(
+            out,
+            f"teacher.cache_dir={where}",
+            f"cache.mode={mode}",
+            f"cache.dtype={dtype}",
+            "data.max_examples=16",
+            "data.eval_size=4",
+        )
         T.write_cache(c, progress=False)
         b = T.TeacherCache(where).bytes_per_token()
         sizes[(mode, dtype)] = b
@@ -65,25 +76,42 @@ def bytes_per_token(out: Path) -> list[str]:
     # hidden exactness on one batch of the subset
     for dtype in ("float32", "bfloat16"):
         where = out / f"sub-hidden-{dtype}"
-        over = [f"teacher.cache_dir={where}", "cache.mode=hidden", f"cache.dtype={dtype}",
-                "data.max_examples=16", "data.eval_size=4"]
+        over = [
+            f"teacher.cache_dir={where}",
+            "cache.mode=hidden",
+            f"cache.dtype={dtype}",
+            "data.max_examples=16",
+            "data.eval_size=4",
+        ]
         online = TR.build(cfg(out, *over))
         cached = TR.build(cfg(out, *over, "teacher.source=cache"))
-        batch = next(iter(D.BatchStream(online.train_examples, 8, seed=0,
-                                        pad_id=online.tokenizer.pad_token_id, packed=False)))
+        batch = next(
+            iter(
+                D.BatchStream(
+                    online.train_examples,
+                    8,
+                    seed=0,
+                    pad_id=online.tokenizer.pad_token_id,
+                    packed=False,
+                )
+            )
+        )
         want = TR.batch_loss(online, batch, online.loss_fn).loss.item()
         got = TR.batch_loss(cached, batch, cached.loss_fn).loss.item()
-        lines.append(f"\nhidden {dtype}: loss from the cache {got:.8f}, online {want:.8f}, "
-                     f"relative difference {abs(got - want) / want:.2e}")
+        lines.append(
+            f"\nhidden {dtype}: loss from the cache {got:.8f}, online {want:.8f}, "
+            f"relative difference {abs(got - want) / want:.2e}"
+        )
     return lines
 
 
 def topk_error(out: Path) -> list[str]:
     s = TR.build(cfg(out))
-    batches = list(D.eval_batches(s.eval_examples, 8, s.tokenizer.pad_token_id, False,
-                                  limit=3))
-    lines = ["| k | mean tail mass | t | loss rel. error | gradient rel. error |",
-             "|---|---|---|---|---|"]
+    batches = list(D.eval_batches(s.eval_examples, 8, s.tokenizer.pad_token_id, False, limit=3))
+    lines = [
+        "| k | mean tail mass | t | loss rel. error | gradient rel. error |",
+        "|---|---|---|---|---|",
+    ]
     rows = []
     for batch in batches:
         with torch.no_grad():
@@ -109,8 +137,10 @@ def topk_error(out: Path) -> list[str]:
             rel = abs(losses[1] - losses[0]) / losses[0]
             g = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
             lines.append(f"| {k} | {tail.mean():.4f} | {t} | {rel:.2e} | {g:.2e} |")
-    lines.append(f"\n({student.shape[0]} held-out target tokens; student = the quickstart's "
-                 f"initial 6-layer cut)")
+    lines.append(
+        f"\n({student.shape[0]} held-out target tokens; student = the quickstart's "
+        f"initial 6-layer cut)"
+    )
     return lines
 
 
@@ -123,22 +153,27 @@ def write_and_read(out: Path) -> tuple[list[str], Path]:
     wrote = time.perf_counter() - start
     cache = T.TeacherCache(where)
     n_rows = sum(s["num_rows"] for s in cache.shards)
-    speed = ("already written by an earlier run (not timed)" if existed else
-             f"written in {wrote:.0f} s ({n_rows / wrote:,.0f} target tokens/s, teacher "
-             f"forward included)")
-    lines = [f"{cache.num_examples} examples, {n_rows} target tokens, {speed}; "
-             f"{cache.bytes_per_token():.0f} bytes per token, "
-             f"{sum(s['bytes'] for s in cache.shards) / 2**20:.1f} MiB"]
-    for label, reader in (("first read (SHA-256 checked)", cache),
-                          ("second read", cache)):
+    speed = (
+        "already written by an earlier run (not timed)"
+        if existed
+        else f"written in {wrote:.0f} s ({n_rows / wrote:,.0f} target tokens/s, teacher "
+        f"forward included)"
+    )
+    lines = [
+        f"{cache.num_examples} examples, {n_rows} target tokens, {speed}; "
+        f"{cache.bytes_per_token():.0f} bytes per token, "
+        f"{sum(s['bytes'] for s in cache.shards) / 2**20:.1f} MiB"
+    ]
+    for label, reader in (("first read (SHA-256 checked)", cache), ("second read", cache)):
         order = torch.randperm(cache.num_examples).tolist()
         start = time.perf_counter()
         for i in range(0, len(order), 8):
-            rows = reader.example_rows(order[i:i + 8])
+            rows = reader.example_rows(order[i : i + 8])
             TopKTeacher(rows["log_probs"], T.unpack_ids(rows["ids"]), cache.vocab_size)
         took = time.perf_counter() - start
-        lines.append(f"{label}: {n_rows / took:,.0f} target tokens/s (batches of 8 examples "
-                     f"in random order)")
+        lines.append(
+            f"{label}: {n_rows / took:,.0f} target tokens/s (batches of 8 examples in random order)"
+        )
     return lines, where
 
 
@@ -148,8 +183,11 @@ def hidden_cache(out: Path) -> Path:
     return where
 
 
-TEACHERS = {"model": "online model", "topk": "cache (top-64, float16)",
-            "hidden": "cache (hidden, bfloat16)"}
+TEACHERS = {
+    "model": "online model",
+    "topk": "cache (top-64, float16)",
+    "hidden": "cache (hidden, bfloat16)",
+}
 
 
 def _source(name: str, caches: dict[str, Path]) -> list[str]:
@@ -159,16 +197,26 @@ def _source(name: str, caches: dict[str, Path]) -> list[str]:
 
 
 def steps(out: Path, caches: dict[str, Path], n: int) -> list[str]:
-    lines = ["| teacher | s per step (median) | data wait | target tokens/s |",
-             "|---|---|---|---|"]
+    lines = ["| teacher | s per step (median) | data wait | target tokens/s |", "|---|---|---|---|"]
     per = {}
     for source in TEACHERS:
         run = out / f"steps-{source}"
         shutil.rmtree(run, ignore_errors=True)
-        TR.train(load_config(QUICKSTART, [
-            f"output_dir={run}", *QUIET, *_source(source, caches), f"train.max_steps={n}",
-            "train.eval_every=0", "train.save_every=0", "data.eval_size=8",
-            "train.warmup_steps=1"]))
+        TR.train(
+            load_config(
+                QUICKSTART,
+                [
+                    f"output_dir={run}",
+                    *QUIET,
+                    *_source(source, caches),
+                    f"train.max_steps={n}",
+                    "train.eval_every=0",
+                    "train.save_every=0",
+                    "data.eval_size=8",
+                    "train.warmup_steps=1",
+                ],
+            )
+        )
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         recs = [r for r in recs if "step_s" in r][2:]
         step = statistics.median(r["step_s"] for r in recs)
@@ -176,14 +224,18 @@ def steps(out: Path, caches: dict[str, Path], n: int) -> list[str]:
         tok = sum(r["tokens"] for r in recs) / sum(r["step_s"] for r in recs)
         per[source] = step
         lines.append(f"| {TEACHERS[source]} | {step:.2f} | {100 * wait:.2f}% | {tok:,.0f} |")
-    lines.append(f"\nspeed-up from the cache: top-64 {per['model'] / per['topk']:.2f} x, hidden "
-                 f"{per['model'] / per['hidden']:.2f} x")
+    lines.append(
+        f"\nspeed-up from the cache: top-64 {per['model'] / per['topk']:.2f} x, hidden "
+        f"{per['model'] / per['hidden']:.2f} x"
+    )
     return lines
 
 
 def full_run(out: Path, caches: dict[str, Path]) -> list[str]:
-    lines = ["| run | wall (s) | held-out KL(teacher, student) | student ppl | "
-             "teacher ppl |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | wall (s) | held-out KL(teacher, student) | student ppl | teacher ppl |",
+        "|---|---|---|---|---|",
+    ]
     results = {}
     for source in TEACHERS:
         run = out / f"full-{source}"
@@ -191,25 +243,42 @@ def full_run(out: Path, caches: dict[str, Path]) -> list[str]:
         if not wall_file.is_file():
             shutil.rmtree(run, ignore_errors=True)
             start = time.perf_counter()
-            TR.train(load_config(QUICKSTART, [f"output_dir={run}", *QUIET,
-                                              *_source(source, caches)]))
+            TR.train(
+                load_config(QUICKSTART, [f"output_dir={run}", *QUIET, *_source(source, caches)])
+            )
             wall_file.write_text(f"{time.perf_counter() - start}\n")
         wall = float(wall_file.read_text())
         # Both students measured against the real teacher, whatever they trained from.
-        judge = TR.build(load_config(QUICKSTART, [
-            f"output_dir={out / 'judge'}", *QUIET, "student.init=pretrained",
-            f"student.name_or_path={run / 'final'}", "overwrite=true"]))
+        judge = TR.build(
+            load_config(
+                QUICKSTART,
+                [
+                    f"output_dir={out / 'judge'}",
+                    *QUIET,
+                    "student.init=pretrained",
+                    f"student.name_or_path={run / 'final'}",
+                    "overwrite=true",
+                ],
+            )
+        )
         m = TR.evaluate(judge)
         results[source] = m
-        lines.append(f"| {TEACHERS[source]} | "
-                     f"{wall:.0f} | {m['eval/kl_teacher_student']:.4f} | "
-                     f"{m['eval/student_ppl']:.2f} | {m['eval/teacher_ppl']:.2f} |")
+        lines.append(
+            f"| {TEACHERS[source]} | "
+            f"{wall:.0f} | {m['eval/kl_teacher_student']:.4f} | "
+            f"{m['eval/student_ppl']:.2f} | {m['eval/teacher_ppl']:.2f} |"
+        )
     a = results["model"]
     for source in ("topk", "hidden"):
         b = results[source]
-        lines.append(f"{TEACHERS[source]}: " + ", ".join(
-            f"{key} {100 * (b[key] - a[key]) / a[key]:+.2f}%"
-            for key in ("eval/kl_teacher_student", "eval/student_ppl")) + " vs online")
+        lines.append(
+            f"{TEACHERS[source]}: "
+            + ", ".join(
+                f"{key} {100 * (b[key] - a[key]) / a[key]:+.2f}%"
+                for key in ("eval/kl_teacher_student", "eval/student_ppl")
+            )
+            + " vs online"
+        )
     return lines
 
 
@@ -218,15 +287,18 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_teacher_cache")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--full-run", action="store_true")
-    parser.add_argument("--only", nargs="*", type=int, default=None,
-                        help="run only these sections (1-5)")
+    parser.add_argument(
+        "--only", nargs="*", type=int, default=None, help="run only these sections (1-5)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     only = set(args.only or [1, 2, 3, 4] + ([5] if args.full_run else []))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'CUDA' if torch.cuda.is_available() else 'CPU'}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU'}\n"
+    )
     sections = [
         (1, "1. Bytes per target token (SmolLM2-135M-Instruct, V = 49152)", bytes_per_token),
         (2, "2. Top-k teacher vs full teacher (TAID loss and gradient)", topk_error),
@@ -234,19 +306,35 @@ def main() -> None:
     for number, title, fn in sections:
         if number in only:
             start = time.perf_counter()
-            print(f"## {title}\n\n" + "\n".join(fn(out)) +
-                  f"\n\n({time.perf_counter() - start:.0f} s)\n", flush=True)
+            print(
+                f"## {title}\n\n"
+                + "\n".join(fn(out))
+                + f"\n\n({time.perf_counter() - start:.0f} s)\n",
+                flush=True,
+            )
     if only & {3, 4, 5}:
         lines, cache_dir = write_and_read(out)
-        print("## 3. Writing and reading the k = 64 cache of the quickstart data\n\n"
-              + "\n".join(lines) + "\n", flush=True)
+        print(
+            "## 3. Writing and reading the k = 64 cache of the quickstart data\n\n"
+            + "\n".join(lines)
+            + "\n",
+            flush=True,
+        )
         caches = {"topk": cache_dir, "hidden": hidden_cache(out)}
     if 4 in only:
-        print(f"## 4. Step time, quickstart setup ({args.steps} steps)\n\n"
-              + "\n".join(steps(out, caches, args.steps)) + "\n", flush=True)
+        print(
+            f"## 4. Step time, quickstart setup ({args.steps} steps)\n\n"
+            + "\n".join(steps(out, caches, args.steps))
+            + "\n",
+            flush=True,
+        )
     if 5 in only:
-        print("## 5. The whole quickstart from the caches vs beside the teacher\n\n"
-              + "\n".join(full_run(out, caches)) + "\n", flush=True)
+        print(
+            "## 5. The whole quickstart from the caches vs beside the teacher\n\n"
+            + "\n".join(full_run(out, caches))
+            + "\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,14 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 def main(steps: int = 30, mode: str = "topk", workdir: str | None = None) -> dict[str, float]:
     workdir = workdir or tempfile.mkdtemp(prefix="taid-cache-")
-    config = load_config(SMOKE, [f"teacher.cache_dir={Path(workdir) / 'cache'}",
-                                 f"cache.mode={mode}", "log.progress=false"])
+    config = load_config(
+        SMOKE,
+        [
+            f"teacher.cache_dir={Path(workdir) / 'cache'}",
+            f"cache.mode={mode}",
+            "log.progress=false",
+        ],
+    )
 
     # 1. The teacher runs once over the config's data (resumable; `accelerate launch` splits
     #    the shards over processes). Nothing below loads the teacher.
@@ -55,8 +61,9 @@ def main(steps: int = 30, mode: str = "topk", workdir: str | None = None) -> dic
         with torch.no_grad():
             for batch in eval_batches(held_out, 4, pad, packed=False):
                 teacher = cache.source(batch["example_ids"], batch["labels"])
-                logits = student(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).logits
+                logits = student(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
                 out = TF.loss_terms("fkl", logits, teacher, batch["labels"], reduction="sum")
                 total, tokens = total + out.loss.item(), tokens + int(out.num_tokens)
         return total / tokens
@@ -68,8 +75,9 @@ def main(steps: int = 30, mode: str = "topk", workdir: str | None = None) -> dic
     for step in range(steps):
         batch = next(batches)
         teacher = cache.source(batch["example_ids"], batch["labels"])
-        logits = student(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).logits
+        logits = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         out = loss_fn.compute(logits, teacher, batch["labels"])
         out.loss.backward()
         optimizer.step()
@@ -78,8 +86,10 @@ def main(steps: int = 30, mode: str = "topk", workdir: str | None = None) -> dic
         if step % 10 == 0 or step == steps - 1:
             print(f"step {step:3d}  taid {out.distill.item():.5f}  t {loss_fn.t:.3f}")
     kl_after = held_out_kl()
-    print(f"cache: {cache.mode}, {cache.bytes_per_token():.0f} bytes per target token; "
-          f"held-out KL(teacher || student): {kl_before:.5f} -> {kl_after:.5f}")
+    print(
+        f"cache: {cache.mode}, {cache.bytes_per_token():.0f} bytes per target token; "
+        f"held-out KL(teacher || student): {kl_before:.5f} -> {kl_after:.5f}"
+    )
     return {"kl_before": kl_before, "kl_after": kl_after, "t": loss_fn.t}
 
 

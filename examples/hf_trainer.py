@@ -19,10 +19,17 @@ VOCAB, SEQ = 64, 24
 
 
 def tiny_llama(hidden: int, layers: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=SEQ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=SEQ,
+        )
+    )
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -46,14 +53,26 @@ def main(steps: int = 30, output_dir: str = "runs/hf_trainer") -> TAIDTrainer:
     teacher = tiny_llama(hidden=96, layers=2)  # in real use: a pretrained, larger model
     student = tiny_llama(hidden=48, layers=1)
     args = TrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8,
-        gradient_accumulation_steps=2, learning_rate=3e-3, lr_scheduler_type="cosine",
-        logging_steps=5, save_steps=steps, report_to=[], seed=0, use_cpu=True,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        logging_steps=5,
+        save_steps=steps,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
     )
     trainer = TAIDTrainer(
-        model=student, teacher_model=teacher, args=args,
-        train_dataset=CountingDataset(512, seed=0), eval_dataset=CountingDataset(32, seed=1),
-        loss="taid", loss_kwargs={"t_start": 0.4},   # any registry name works: "fkl", "skl", ...
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=CountingDataset(512, seed=0),
+        eval_dataset=CountingDataset(32, seed=1),
+        loss="taid",
+        loss_kwargs={"t_start": 0.4},  # any registry name works: "fkl", "skl", ...
     )
     trainer.train()
     print(f"t after {steps} optimizer steps: {trainer.loss_fn.t:.3f}")

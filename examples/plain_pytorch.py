@@ -21,9 +21,15 @@ VOCAB, SEQ, BATCH = 64, 32, 16
 
 
 def tiny_llama(hidden: int, layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=SEQ)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -33,7 +39,7 @@ def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     stride = torch.randint(1, 4, (BATCH, 1), generator=generator)
     ids = (start + stride * torch.arange(SEQ)) % VOCAB
     labels = ids.roll(-1, dims=1)  # position i predicts token i + 1 ...
-    labels[:, -1] = -100           # ... and the last position predicts nothing
+    labels[:, -1] = -100  # ... and the last position predicts nothing
     return ids, labels
 
 
@@ -60,8 +66,9 @@ def main(steps: int = 60) -> dict[str, float]:
 
     def held_out_kl() -> float:
         with torch.no_grad():
-            return TF.forward_kl(student(eval_ids).logits, teacher(eval_ids).logits,
-                                 eval_labels).item()
+            return TF.forward_kl(
+                student(eval_ids).logits, teacher(eval_ids).logits, eval_labels
+            ).item()
 
     kl_before = held_out_kl()
     for step in range(steps):

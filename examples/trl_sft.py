@@ -28,10 +28,17 @@ class TAIDSFTTrainer(TAIDTrainerMixin, SFTTrainer):
 
 
 def tiny(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden,
-                                        intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=4,
-                                        tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def main(steps: int = 6, output_dir: str = "runs/trl_sft") -> TAIDSFTTrainer:
@@ -40,12 +47,28 @@ def main(steps: int = 6, output_dir: str = "runs/trl_sft") -> TAIDSFTTrainer:
     teacher = tiny(64, 2, len(tokenizer))  # in real use: a pretrained, larger model
     student = tiny(32, 1, len(tokenizer))
     dataset = datasets.load_dataset("json", data_files=str(DATA), split="train").select(range(64))
-    args = SFTConfig(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, learning_rate=1e-3, max_length=128,
-                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
-    trainer = TAIDSFTTrainer(model=student, teacher_model=teacher, args=args,
-                             train_dataset=dataset, processing_class=tokenizer,
-                             loss="taid", loss_kwargs={"t_start": 0.4})
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        max_length=128,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = TAIDSFTTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        loss="taid",
+        loss_kwargs={"t_start": 0.4},
+    )
     trainer.train()
     print(f"t after {steps} optimizer steps: {trainer.loss_fn.t:.3f}")
     return trainer

@@ -41,8 +41,16 @@ from taid import trainer as TR
 from taid.config import Config, ConfigError, load_config
 
 HERE = Path(__file__).resolve().parent
-PLAN_KEYS = {"config", "overrides", "cache_mode", "seeds", "methods", "generation", "capacity",
-             "quick"}
+PLAN_KEYS = {
+    "config",
+    "overrides",
+    "cache_mode",
+    "seeds",
+    "methods",
+    "generation",
+    "capacity",
+    "quick",
+}
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
 
 
@@ -62,8 +70,9 @@ def load_plan(path: Path, quick: bool) -> dict[str, Any]:
 
 
 def config_for(plan: dict[str, Any], out: Path, *extra: str) -> Config:
-    return load_config(plan["config"], [*plan["overrides"], f"output_dir={out}",
-                                        "overwrite=true", *extra])
+    return load_config(
+        plan["config"], [*plan["overrides"], f"output_dir={out}", "overwrite=true", *extra]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +85,9 @@ def probability_mass(s: TR.Setup) -> dict[str, float]:
     s.student.eval()
     head = tail = 0.0
     n = 0
-    for batch in D.eval_batches(s.eval_examples, s.config.train.batch_size,
-                                s.tokenizer.pad_token_id, s.config.data.packing):
+    for batch in D.eval_batches(
+        s.eval_examples, s.config.train.batch_size, s.tokenizer.pad_token_id, s.config.data.packing
+    ):
         logits = s.student(**TR.model_inputs(batch), use_cache=False).logits
         rows = logits[batch["labels"] != -100]
         width = s.vocab_size or rows.shape[-1]
@@ -91,23 +101,24 @@ def probability_mass(s: TR.Setup) -> dict[str, float]:
     return {"head_mass": head / max(n, 1), "tail_mass": tail / max(n, 1)}
 
 
-def prompts_and_references(examples: list[D.Example], tokenizer: Any, n: int
-                           ) -> tuple[list[list[int]], list[str]]:
+def prompts_and_references(
+    examples: list[D.Example], tokenizer: Any, n: int
+) -> tuple[list[list[int]], list[str]]:
     """Each example's tokens before its first target token, and its first target span as
     text (the reference answer)."""
     prompts, refs = [], []
     for ex in examples[:n]:
         first = ex.targets.index(1)
-        end = next((i for i in range(first, len(ex.targets)) if not ex.targets[i]),
-                   len(ex.targets))
+        end = next((i for i in range(first, len(ex.targets)) if not ex.targets[i]), len(ex.targets))
         prompts.append(ex.input_ids[:first])
         refs.append(tokenizer.decode(ex.input_ids[first:end], skip_special_tokens=True).strip())
     return prompts, refs
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                   batch_size: int = 16) -> list[str]:
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
     """Greedy continuations of ``prompts``, batched with left padding."""
     was_training = model.training
     model.eval()
@@ -115,13 +126,17 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     pad = tokenizer.pad_token_id
     answers = []
     for i in range(0, len(prompts), batch_size):
-        group = prompts[i:i + batch_size]
+        group = prompts[i : i + batch_size]
         width = max(len(p) for p in group)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group],
-                            device=device)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
     model.train(was_training)
     return answers
@@ -132,8 +147,10 @@ def rouge_l(answers: list[str], references: list[str]) -> float:
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-        raise SystemExit("ROUGE-L needs the rouge-score package: pip install rouge-score "
-                         "(it is in this project's dev extra)") from None
+        raise SystemExit(
+            "ROUGE-L needs the rouge-score package: pip install rouge-score "
+            "(it is in this project's dev extra)"
+        ) from None
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
     return 100 * statistics.fmean(scores) if scores else float("nan")
@@ -142,8 +159,14 @@ def rouge_l(answers: list[str], references: list[str]) -> float:
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------
-def run_one(plan: dict[str, Any], out: Path, overrides: list[str], *, keep_final: bool = False,
-            fresh: bool = False) -> dict[str, Any]:
+def run_one(
+    plan: dict[str, Any],
+    out: Path,
+    overrides: list[str],
+    *,
+    keep_final: bool = False,
+    fresh: bool = False,
+) -> dict[str, Any]:
     """Train one configuration (or reuse its summary) and measure it."""
     summary_path = out / "summary.json"
     if summary_path.is_file() and not fresh:
@@ -155,18 +178,23 @@ def run_one(plan: dict[str, Any], out: Path, overrides: list[str], *, keep_final
     s = result["setup"]
     gen = plan["generation"]
     prompts, refs = prompts_and_references(s.eval_examples, s.tokenizer, gen["prompts"])
-    answers = greedy_answers(s.accelerator.unwrap_model(s.student), s.tokenizer, prompts,
-                             gen["max_new_tokens"])
+    answers = greedy_answers(
+        s.accelerator.unwrap_model(s.student), s.tokenizer, prompts, gen["max_new_tokens"]
+    )
     history = TR.read_metrics(out / "metrics.jsonl")
     summary = {
-        "overrides": overrides, "wall_s": wall, "steps": result["steps"],
+        "overrides": overrides,
+        "wall_s": wall,
+        "steps": result["steps"],
         "kl": result["after"].get("eval/kl_teacher_student"),
         "ppl": result["after"]["eval/student_ppl"],
         "teacher_ppl": result["after"].get("eval/teacher_ppl"),
-        "rougeL": rouge_l(answers, refs), **probability_mass(s),
+        "rougeL": rouge_l(answers, refs),
+        **probability_mass(s),
         "answers": answers[:3],
-        "history": [{k: r[k] for k in ("step", "loss", "t") if k in r}
-                    for r in history if "loss" in r],
+        "history": [
+            {k: r[k] for k in ("step", "loss", "t") if k in r} for r in history if "loss" in r
+        ],
     }
     for name in ("checkpoints",) + (() if keep_final else ("final",)):
         shutil.rmtree(out / name, ignore_errors=True)  # gigabytes each, not needed
@@ -176,8 +204,9 @@ def run_one(plan: dict[str, Any], out: Path, overrides: list[str], *, keep_final
     return summary
 
 
-def teacher_reference(plan: dict[str, Any], out: Path, teacher_overrides: list[str]
-                      ) -> dict[str, Any]:
+def teacher_reference(
+    plan: dict[str, Any], out: Path, teacher_overrides: list[str]
+) -> dict[str, Any]:
     """The teacher's own ROUGE-L and size, on the same prompts."""
     path = out / "teacher.json"
     if path.is_file():
@@ -193,20 +222,29 @@ def teacher_reference(plan: dict[str, Any], out: Path, teacher_overrides: list[s
         teacher = M.freeze(M.load_model(config.teacher))
     gen = plan["generation"]
     prompts, refs = prompts_and_references(held, tokenizer, gen["prompts"])
-    ref = {"rougeL": rouge_l(greedy_answers(teacher, tokenizer, prompts, gen["max_new_tokens"]),
-                             refs),
-           "params": sum(p.numel() for p in teacher.parameters()),
-           "layers": teacher.config.num_hidden_layers}
+    ref = {
+        "rougeL": rouge_l(greedy_answers(teacher, tokenizer, prompts, gen["max_new_tokens"]), refs),
+        "params": sum(p.numel() for p in teacher.parameters()),
+        "layers": teacher.config.num_hidden_layers,
+    }
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ref))
     return ref
 
 
-def write_teacher_cache(plan: dict[str, Any], cache_dir: Path, teacher_overrides: list[str]
-                        ) -> None:
-    T.write_cache(config_for(plan, cache_dir.parent / "unused", *teacher_overrides,
-                             f"teacher.cache_dir={cache_dir}", f"cache.mode={plan['cache_mode']}"),
-                  progress=False)
+def write_teacher_cache(
+    plan: dict[str, Any], cache_dir: Path, teacher_overrides: list[str]
+) -> None:
+    T.write_cache(
+        config_for(
+            plan,
+            cache_dir.parent / "unused",
+            *teacher_overrides,
+            f"teacher.cache_dir={cache_dir}",
+            f"cache.mode={plan['cache_mode']}",
+        ),
+        progress=False,
+    )
 
 
 def loss_overrides(method: list[str]) -> list[str]:
@@ -218,15 +256,23 @@ def loss_overrides(method: list[str]) -> list[str]:
 def comparison(plan: dict[str, Any], out: Path, fresh: bool) -> dict[str, list[dict]]:
     cache_dir = out / "teacher-cache"
     write_teacher_cache(plan, cache_dir, [])
-    source = ["teacher.source=cache", f"teacher.cache_dir={cache_dir}",
-              f"cache.mode={plan['cache_mode']}"]
+    source = [
+        "teacher.source=cache",
+        f"teacher.cache_dir={cache_dir}",
+        f"cache.mode={plan['cache_mode']}",
+    ]
     runs: dict[str, list[dict]] = {m: [] for m in plan["methods"]}
     for seed in plan["seeds"]:
         for method, loss in plan["methods"].items():
             print(f"[compare] {method} seed {seed}", flush=True)
-            runs[method].append(run_one(plan, out / "runs" / method / f"seed{seed}",
-                                        [*source, f"seed={seed}", *loss_overrides(loss)],
-                                        fresh=fresh))
+            runs[method].append(
+                run_one(
+                    plan,
+                    out / "runs" / method / f"seed{seed}",
+                    [*source, f"seed={seed}", *loss_overrides(loss)],
+                    fresh=fresh,
+                )
+            )
     return runs
 
 
@@ -247,21 +293,37 @@ def capacity(plan: dict[str, Any], out: Path, fresh: bool) -> list[dict[str, Any
         student = M.student_from_teacher_layers(teacher, cap["student_layers"], "float32")
         student.save_pretrained(student_dir)
         M.run_tokenizer(base).save_pretrained(student_dir)
-    student = ["student.init=pretrained", f"student.name_or_path={student_dir}",
-               "student.architecture=null", "student.layers=null"]
+    student = [
+        "student.init=pretrained",
+        f"student.name_or_path={student_dir}",
+        "student.architecture=null",
+        "student.layers=null",
+    ]
 
     rows = []
     for spec in cap["teachers"]:
         name = spec["name"]
         if "layers" in spec:  # a smaller teacher: cut from the base teacher, distilled from it
             print(f"[capacity] training teacher {name}", flush=True)
-            run_one(plan, root / "teachers" / name, [
-                "teacher.source=cache", f"teacher.cache_dir={base_cache}",
-                f"cache.mode={plan['cache_mode']}", *loss_overrides(["loss.name=fkl"]),
-                "student.init=teacher_layers", f"student.layers={spec['layers']}",
-                f"train.max_steps={spec['steps']}"], keep_final=True, fresh=fresh)
-            teacher = [f"teacher.name_or_path={root / 'teachers' / name / 'final'}",
-                       "teacher.architecture=null"]
+            run_one(
+                plan,
+                root / "teachers" / name,
+                [
+                    "teacher.source=cache",
+                    f"teacher.cache_dir={base_cache}",
+                    f"cache.mode={plan['cache_mode']}",
+                    *loss_overrides(["loss.name=fkl"]),
+                    "student.init=teacher_layers",
+                    f"student.layers={spec['layers']}",
+                    f"train.max_steps={spec['steps']}",
+                ],
+                keep_final=True,
+                fresh=fresh,
+            )
+            teacher = [
+                f"teacher.name_or_path={root / 'teachers' / name / 'final'}",
+                "teacher.architecture=null",
+            ]
             cache_dir = root / f"cache-{name}"
             write_teacher_cache(plan, cache_dir, teacher)
         else:
@@ -271,10 +333,20 @@ def capacity(plan: dict[str, Any], out: Path, fresh: bool) -> list[dict[str, Any
         for method in cap["methods"]:
             for seed in cap["seeds"]:
                 print(f"[capacity] {name}: {method} seed {seed}", flush=True)
-                summary = run_one(cap_plan, root / "runs" / name / method / f"seed{seed}", [
-                    *teacher, *student, "teacher.source=cache", f"teacher.cache_dir={cache_dir}",
-                    f"cache.mode={plan['cache_mode']}", f"seed={seed}",
-                    *loss_overrides(plan["methods"][method])], fresh=fresh)
+                summary = run_one(
+                    cap_plan,
+                    root / "runs" / name / method / f"seed{seed}",
+                    [
+                        *teacher,
+                        *student,
+                        "teacher.source=cache",
+                        f"teacher.cache_dir={cache_dir}",
+                        f"cache.mode={plan['cache_mode']}",
+                        f"seed={seed}",
+                        *loss_overrides(plan["methods"][method]),
+                    ],
+                    fresh=fresh,
+                )
                 row["students"].setdefault(method, []).append(summary)
                 row["teacher_ppl"] = summary["teacher_ppl"]
         rows.append(row)
@@ -306,17 +378,21 @@ def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
     for ax, (method, summaries) in zip(axes.flat, runs.items()):
         for summary in summaries:
             hist = summary["history"]
-            ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], color="tab:blue",
-                    alpha=0.6, lw=1)
+            ax.plot(
+                [h["step"] for h in hist],
+                [h["loss"] for h in hist],
+                color="tab:blue",
+                alpha=0.6,
+                lw=1,
+            )
             if hist and "t" in hist[0]:
                 twin = ax.twinx()
-                twin.plot([h["step"] for h in hist], [h["t"] for h in hist], color="tab:red",
-                          lw=1)
+                twin.plot([h["step"] for h in hist], [h["t"] for h in hist], color="tab:red", lw=1)
                 twin.set_ylim(0, 1.05)
                 twin.tick_params(labelsize=7, colors="tab:red")
         ax.set_title(method, fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(runs):]:
+    for ax in list(axes.flat)[len(runs) :]:
         ax.axis("off")
     fig.suptitle("training loss (blue, one line per seed) and t (red)", fontsize=10)
     fig.tight_layout()
@@ -347,12 +423,23 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(plan: dict[str, Any], runs: dict[str, list[dict]], teacher: dict[str, Any],
-           cap: list[dict[str, Any]], wall: float, command: str, figures: Path,
-           relative: str) -> str:
+def report(
+    plan: dict[str, Any],
+    runs: dict[str, list[dict]],
+    teacher: dict[str, Any],
+    cap: list[dict[str, Any]],
+    wall: float,
+    command: str,
+    figures: Path,
+    relative: str,
+) -> str:
     first = next(iter(runs.values()))[0]
-    teacher_ppl = next(s["teacher_ppl"] for summaries in runs.values() for s in summaries
-                       if s["teacher_ppl"] is not None)
+    teacher_ppl = next(
+        s["teacher_ppl"]
+        for summaries in runs.values()
+        for s in summaries
+        if s["teacher_ppl"] is not None
+    )
     lines = [
         f"Command: `{command}` ({len(plan['seeds'])} seeds x {len(runs)} methods, "
         f"{first['steps']} steps each; total wall time {wall / 60:.0f} min on "
@@ -375,22 +462,35 @@ def report(plan: dict[str, Any], runs: dict[str, list[dict]], teacher: dict[str,
             f"{_ms([s['rougeL'] for s in summaries], 1)} | "
             f"{_ms([s['head_mass'] for s in summaries], 3)} | "
             f"{_ms([s['tail_mass'] for s in summaries], 2, 1e7)} | "
-            f"{_ms([s['wall_s'] for s in summaries], 1, 1 / 60)} |")
-    lines += [f"| teacher | 0 | {teacher_ppl:.2f} | {teacher['rougeL']:.1f} | | | |",
-              "", f"![loss and t per method]({relative}/loss_and_t.png)", ""]
+            f"{_ms([s['wall_s'] for s in summaries], 1, 1 / 60)} |"
+        )
+    lines += [
+        f"| teacher | 0 | {teacher_ppl:.2f} | {teacher['rougeL']:.1f} | | | |",
+        "",
+        f"![loss and t per method]({relative}/loss_and_t.png)",
+        "",
+    ]
     if cap:
         methods = list(cap[0]["students"])
-        lines += ["Capacity gap: one fixed student, teachers of several sizes; student "
-                  "held-out perplexity / ROUGE-L.", "",
-                  "| teacher | parameters | layers | teacher ppl | teacher ROUGE-L | "
-                  + " | ".join(methods) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(methods)]
+        lines += [
+            "Capacity gap: one fixed student, teachers of several sizes; student "
+            "held-out perplexity / ROUGE-L.",
+            "",
+            "| teacher | parameters | layers | teacher ppl | teacher ROUGE-L | "
+            + " | ".join(methods)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(methods),
+        ]
         for row in cap:
-            cells = [f"{_ms([s['ppl'] for s in row['students'][m]], 2)} / "
-                     f"{_ms([s['rougeL'] for s in row['students'][m]], 1)}" for m in methods]
-            lines.append(f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
-                         f"{row['teacher_ppl']:.2f} | {row['rougeL']:.1f} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                f"{_ms([s['ppl'] for s in row['students'][m]], 2)} / "
+                f"{_ms([s['rougeL'] for s in row['students'][m]], 1)}"
+                for m in methods
+            ]
+            lines.append(
+                f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
+                f"{row['teacher_ppl']:.2f} | {row['rougeL']:.1f} | " + " | ".join(cells) + " |"
+            )
         lines += ["", f"![capacity gap]({relative}/capacity.png)", ""]
     return "\n".join(lines)
 
@@ -399,7 +499,7 @@ def write_report(path: Path, body: str) -> None:
     block = f"{BEGIN}\n{body}\n{END}"
     if path.is_file() and BEGIN in path.read_text():
         text = path.read_text()
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = f"# Results\n\n{block}\n"
     path.write_text(text)
@@ -408,12 +508,15 @@ def write_report(path: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(HERE / "compare.yaml"))
-    parser.add_argument("--quick", action="store_true",
-                        help="the plan's quick section: tiny models, about a minute")
-    parser.add_argument("--out", default=None, help="run directory (default runs/compare"
-                        "[-quick])")
-    parser.add_argument("--report", default=None, help="markdown file for the tables "
-                        "(default docs/results.md; with --quick, OUT/results.md)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the plan's quick section: tiny models, about a minute"
+    )
+    parser.add_argument("--out", default=None, help="run directory (default runs/compare[-quick])")
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="markdown file for the tables (default docs/results.md; with --quick, OUT/results.md)",
+    )
     parser.add_argument("--no-capacity", action="store_true", help="skip the sweep")
     parser.add_argument("--fresh", action="store_true", help="redo finished runs")
     args = parser.parse_args(argv)
@@ -433,8 +536,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cap:
         plot_capacity(cap, figures / "capacity.png")
     command = "python experiments/compare.py" + (" --quick" if args.quick else "")
-    body = report(plan, runs, teacher, cap, wall, command, figures,
-                  os.path.relpath(figures, report_path.parent))
+    body = report(
+        plan,
+        runs,
+        teacher,
+        cap,
+        wall,
+        command,
+        figures,
+        os.path.relpath(figures, report_path.parent),
+    )
     write_report(report_path, body)
     print(body)
     return {"runs": runs, "capacity": cap, "report": report_path, "figures": figures}

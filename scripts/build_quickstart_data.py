@@ -33,28 +33,85 @@ TEMPLATES = [
     "Give a simple example of {topic} in everyday life.",
     "Suggest a name for a small shop that sells {goods}, and say why.",
 ]
-THINGS = ["a compass", "a library", "a bicycle", "a calendar", "a thermometer", "a map",
-          "a bridge", "a battery", "a telescope", "a garden", "a recipe", "a dictionary",
-          "a lighthouse", "a clock", "an umbrella", "a spreadsheet", "a microscope", "a kettle",
-          "a password", "a backpack"]
-ACTIVITIES = ["learning to cook", "running a first 5k", "studying for an exam",
-              "planting tomatoes", "writing a letter", "learning a new language",
-              "organizing a desk", "taking photographs", "going camping", "baking bread",
-              "keeping a journal", "learning to swim", "painting a room", "saving money",
-              "starting to play chess"]
-TOPICS = ["the ocean", "autumn leaves", "the night sky", "friendship", "rain", "mountains",
-          "the moon", "a quiet morning", "rivers", "snow", "the seasons", "bees", "the wind",
-          "a busy city", "forests"]
-GOODS = ["bread", "books", "plants", "bicycles", "tea", "candles", "maps", "hats", "kites",
-         "honey"]
-OUTINGS = ["to the park", "to a museum", "hiking", "to the beach", "to a concert",
-           "for a picnic", "to the market", "for a bike ride"]
+THINGS = [
+    "a compass",
+    "a library",
+    "a bicycle",
+    "a calendar",
+    "a thermometer",
+    "a map",
+    "a bridge",
+    "a battery",
+    "a telescope",
+    "a garden",
+    "a recipe",
+    "a dictionary",
+    "a lighthouse",
+    "a clock",
+    "an umbrella",
+    "a spreadsheet",
+    "a microscope",
+    "a kettle",
+    "a password",
+    "a backpack",
+]
+ACTIVITIES = [
+    "learning to cook",
+    "running a first 5k",
+    "studying for an exam",
+    "planting tomatoes",
+    "writing a letter",
+    "learning a new language",
+    "organizing a desk",
+    "taking photographs",
+    "going camping",
+    "baking bread",
+    "keeping a journal",
+    "learning to swim",
+    "painting a room",
+    "saving money",
+    "starting to play chess",
+]
+TOPICS = [
+    "the ocean",
+    "autumn leaves",
+    "the night sky",
+    "friendship",
+    "rain",
+    "mountains",
+    "the moon",
+    "a quiet morning",
+    "rivers",
+    "snow",
+    "the seasons",
+    "bees",
+    "the wind",
+    "a busy city",
+    "forests",
+]
+GOODS = ["bread", "books", "plants", "bicycles", "tea", "candles", "maps", "hats", "kites", "honey"]
+OUTINGS = [
+    "to the park",
+    "to a museum",
+    "hiking",
+    "to the beach",
+    "to a concert",
+    "for a picnic",
+    "to the market",
+    "for a bike ride",
+]
 
 
 def prompts(n: int, seed: int) -> list[str]:
     """``n`` distinct prompts, shuffled with ``seed``."""
-    fills = {"thing": THINGS, "other": THINGS, "activity": ACTIVITIES, "topic": TOPICS,
-             "outing": OUTINGS, "goods": GOODS}
+    fills = {
+        "thing": THINGS,
+        "other": THINGS,
+        "activity": ACTIVITIES,
+        "topic": TOPICS,
+        "outing": OUTINGS,
+        "goods": GOODS,
+    }
     out = []
     for template in TEMPLATES:
         keys = [k for k in fills if "{" + k + "}" in template]
@@ -81,13 +138,18 @@ def answer(questions: list[str], max_new_tokens: int, batch_size: int) -> list[s
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                         add_generation_prompt=True) for q in chunk]
+        chunk = questions[start : start + batch_size]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in chunk
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:]:
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        for row in out[:, enc["input_ids"].shape[1] :]:
             answers.append(tok.decode(row, skip_special_tokens=True).strip())
         print(f"{len(answers)}/{len(questions)}", flush=True)
     return answers
@@ -99,8 +161,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" /
-                                             "quickstart.jsonl"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "data" / "quickstart.jsonl")
+    )
     args = parser.parse_args()
     questions = prompts(args.n, args.seed)
     answers = answer(questions, args.max_new_tokens, args.batch_size)
@@ -109,8 +172,17 @@ def main() -> None:
     with path.open("w") as f:
         for q, a in zip(questions, answers):
             if a:
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": a}]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": q},
+                                {"role": "assistant", "content": a},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
     print(f"wrote {path}")
 
 

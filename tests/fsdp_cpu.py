@@ -31,8 +31,11 @@ def fsdp_accelerator(timeout_s: int, **kwargs: Any) -> Any:
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True,
+    )
     return accelerator
 
 

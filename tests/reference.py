@@ -13,8 +13,7 @@ from taid.divergences import DIVERGENCES
 
 # Hyperparameters used in the tests: away from the defaults where chosen here, else a valid
 # example value from each divergence's description (a new divergence needs no entry).
-_CHOSEN = {"taid": {"t": 0.37}, "jsd": {"beta": 0.3}, "skl": {"alpha": 0.2},
-           "srkl": {"alpha": 0.2}}
+_CHOSEN = {"taid": {"t": 0.37}, "jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}}
 PARAMS = {name: _CHOSEN.get(name, spec.examples()) for name, spec in DIVERGENCES.items()}
 
 
@@ -73,8 +72,10 @@ def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict) -> torch
         gh, gt = gap[head].sum(), gap[~head].sum()
         wh, wt = gh / (gh + gt), gt / (gh + gt)
         return wh * _kl(p, q) + wt * _kl(q, p)
-    raise KeyError(f"no naive float64 reference for divergence {name!r}: add its formula to "
-                   f"tests/reference.py (_ref_row); every loss is checked against one")
+    raise KeyError(
+        f"no naive float64 reference for divergence {name!r}: add its formula to "
+        f"tests/reference.py (_ref_row); every loss is checked against one"
+    )
 
 
 def reference(name, student, teacher, labels, params, ignore_index=-100, reduction="mean"):
@@ -98,8 +99,9 @@ def reference(name, student, teacher, labels, params, ignore_index=-100, reducti
     return per_pos.reshape(student.shape[:-1])
 
 
-def make_inputs(shape, V, *, dtype=torch.float32, ignore_index=42, mask_frac=0.25, seed=0,
-                scale=3.0):
+def make_inputs(
+    shape, V, *, dtype=torch.float32, ignore_index=42, mask_frac=0.25, seed=0, scale=3.0
+):
     g = torch.Generator().manual_seed(seed)
     student = (scale * torch.randn(*shape, V, generator=g)).to(dtype)
     teacher = (scale * torch.randn(*shape, V, generator=g)).to(dtype)

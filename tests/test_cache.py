@@ -24,15 +24,33 @@ from taid.sources import TopKTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-SMALL = ["data.max_examples=24", "data.eval_size=4", "train.batch_size=4",
-         "cache.examples_per_shard=8", "log.trackers=[]", "log.progress=false"]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+SMALL = [
+    "data.max_examples=24",
+    "data.eval_size=4",
+    "train.batch_size=4",
+    "cache.examples_per_shard=8",
+    "log.trackers=[]",
+    "log.progress=false",
+]
 
 
 def config(tmp_path: Path, *overrides: str):
-    return load_config(SMOKE, [f"output_dir={tmp_path / 'run'}",
-                               f"teacher.cache_dir={tmp_path / 'cache'}", *SMALL, *overrides])
+    return load_config(
+        SMOKE,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"teacher.cache_dir={tmp_path / 'cache'}",
+            *SMALL,
+            *overrides,
+        ],
+    )
 
 
 _WRITTEN: dict[tuple[str, ...], Path] = {}  # overrides -> a cache written once per module
@@ -53,8 +71,9 @@ def written(tmp_path: Path, *overrides: str):
     cfg = config(tmp_path, *overrides)
     if overrides not in _WRITTEN:
         store = _WRITTEN[("__root__",)] / f"cache-{len(_WRITTEN)}"
-        T.write_cache(config(store.parent / f"run-{len(_WRITTEN)}", *overrides,
-                             f"teacher.cache_dir={store}"))
+        T.write_cache(
+            config(store.parent / f"run-{len(_WRITTEN)}", *overrides, f"teacher.cache_dir={store}")
+        )
         _WRITTEN[overrides] = store
     shutil.copytree(_WRITTEN[overrides], cfg.teacher.cache_dir)
     return cfg
@@ -68,8 +87,13 @@ def setups(tmp_path: Path, *overrides: str):
 
 
 def first_batch(s: TR.Setup) -> dict[str, torch.Tensor]:
-    stream = D.BatchStream(s.train_examples, s.config.train.batch_size, seed=0,
-                           pad_id=s.tokenizer.pad_token_id, packed=s.config.data.packing)
+    stream = D.BatchStream(
+        s.train_examples,
+        s.config.train.batch_size,
+        seed=0,
+        pad_id=s.tokenizer.pad_token_id,
+        packed=s.config.data.packing,
+    )
     return next(iter(stream))
 
 
@@ -141,8 +165,9 @@ def test_topk_at_k64_stores_260_bytes_per_token_or_less(tmp_path):
 def test_exact_modes_give_the_online_loss_for_every_registered_loss(tmp_path, mode, fused):
     impl = "auto" if fused else "chunked"
     written(tmp_path, f"cache.mode={mode}", "cache.dtype=float32")
-    online, cached = setups(tmp_path, f"cache.mode={mode}", "cache.dtype=float32",
-                            f"loss.implementation={impl}")
+    online, cached = setups(
+        tmp_path, f"cache.mode={mode}", "cache.dtype=float32", f"loss.implementation={impl}"
+    )
     assert online.fused is fused and cached.cache is not None and cached.teacher is None
     batch = first_batch(online)
     for name in LOSSES:
@@ -168,19 +193,26 @@ def test_topk_loss_is_within_the_derived_bound(tmp_path):
     for s in (online, cached):
         x = student_logits.clone().requires_grad_(True)
         TF.forward_kl(x, TR.teacher_source(s, batch), labels).backward()  # mean over n tokens
-        losses.append(TF.forward_kl(x.detach(), TR.teacher_source(s, batch), labels,
-                                    reduction="none"))
+        losses.append(
+            TF.forward_kl(x.detach(), TR.teacher_source(s, batch), labels, reduction="none")
+        )
         grads.append(x.grad)
     valid = labels != -100
     n, vocab, k = int(valid.sum()), student_logits.shape[-1], 64
-    p = torch.log_softmax(TR.teacher_source(online, batch).rows(slice(0, labels.numel()), vocab)
-                          .double(), -1).reshape(*labels.shape, vocab)[valid].exp()
+    p = (
+        torch.log_softmax(
+            TR.teacher_source(online, batch).rows(slice(0, labels.numel()), vocab).double(), -1
+        )
+        .reshape(*labels.shape, vocab)[valid]
+        .exp()
+    )
     top = p.topk(k, -1).indices
     tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, top, False)
     r = (p * tail).sum(-1)
     log_q = torch.log_softmax(student_logits.double(), -1)[valid]
-    spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - log_q.masked_fill(~tail, math.inf
-                                                                              ).amin(-1)
+    spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - log_q.masked_fill(~tail, math.inf).amin(
+        -1
+    )
     bound = r * (math.log(vocab - k) + spread)
     err = (losses[1] - losses[0]).double()[valid].abs()
     assert (err <= bound + 1e-5).all()
@@ -221,8 +253,9 @@ def test_topk_bound_on_peaked_teachers_tightens_with_k():
         tail = torch.ones_like(log_p, dtype=torch.bool).scatter_(1, top.indices, False)
         r = (log_p.exp() * tail).sum(-1)
         log_q = torch.log_softmax(student.double(), -1)
-        spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - \
-            log_q.masked_fill(~tail, math.inf).amin(-1)
+        spread = log_q.masked_fill(~tail, -math.inf).amax(-1) - log_q.masked_fill(
+            ~tail, math.inf
+        ).amin(-1)
         err = (approx - exact).abs()
         assert (err <= r * (math.log(vocab - k) + spread) + 1e-5).all()
         assert err.mean() < previous
@@ -231,12 +264,28 @@ def test_topk_bound_on_peaked_teachers_tightens_with_k():
 
 @pytest.mark.parametrize("mode", ["topk", "hidden", "full"])
 def test_training_from_each_mode_runs_and_evaluates(tmp_path, mode):
-    cfg = written(tmp_path, f"cache.mode={mode}", "train.max_steps=2", "train.save_every=0",
-                  "train.eval_every=0")
-    result = TR.train(load_config(SMOKE, [
-        f"output_dir={tmp_path / 'run'}", f"teacher.cache_dir={cfg.teacher.cache_dir}",
-        "teacher.source=cache", f"cache.mode={mode}", *SMALL, "train.max_steps=2",
-        "train.save_every=0", "train.eval_every=0"]))
+    cfg = written(
+        tmp_path,
+        f"cache.mode={mode}",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+    )
+    result = TR.train(
+        load_config(
+            SMOKE,
+            [
+                f"output_dir={tmp_path / 'run'}",
+                f"teacher.cache_dir={cfg.teacher.cache_dir}",
+                "teacher.source=cache",
+                f"cache.mode={mode}",
+                *SMALL,
+                "train.max_steps=2",
+                "train.save_every=0",
+                "train.eval_every=0",
+            ],
+        )
+    )
     after = result["after"]
     assert result["steps"] == 2 and math.isfinite(after["eval/kl_teacher_student"])
     assert after["eval/teacher_ppl"] > 1 and result["setup"].teacher is None
@@ -342,10 +391,18 @@ def test_a_cache_of_other_settings_is_not_overwritten_silently(tmp_path):
 @pytest.mark.slow
 def test_two_processes_write_the_same_cache_as_one(tmp_path):
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-           str(ROOT / "scripts" / "cache_teacher.py"), "--config", str(SMOKE),
-           f"teacher.cache_dir={two}", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        str(ROOT / "scripts" / "cache_teacher.py"),
+        "--config",
+        str(SMOKE),
+        f"teacher.cache_dir={two}",
+        *SMALL,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bytes per token" in proc.stdout
@@ -359,15 +416,18 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Refusing what does not match, before training
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override, field", [
-    ("cache.k=32", "k"),
-    ("cache.mode=hidden", "mode"),
-    ("cache.dtype=bfloat16", "dtype"),
-    ("data.max_length=64", "tokenization.max_length"),
-    ("data.loss_on=all", "tokenization.loss_on"),
-    ("data.max_examples=20", "tokenization.max_examples"),
-    ("teacher.architecture.hidden_size=32", "teacher"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("cache.k=32", "k"),
+        ("cache.mode=hidden", "mode"),
+        ("cache.dtype=bfloat16", "dtype"),
+        ("data.max_length=64", "tokenization.max_length"),
+        ("data.loss_on=all", "tokenization.loss_on"),
+        ("data.max_examples=20", "tokenization.max_examples"),
+        ("teacher.architecture.hidden_size=32", "teacher"),
+    ],
+)
 def test_every_setting_mismatch_is_named_with_both_values(tmp_path, override, field):
     written(tmp_path)
     with pytest.raises(T.CacheError, match=rf"{field} differs \(cache: .+, this run: .+\)"):
@@ -389,8 +449,12 @@ def test_changed_data_tokenizer_vocabulary_or_teacher_weights_are_named(tmp_path
     manifest = json.loads((root / T.MANIFEST).read_text())
     for key, value, match in [
         ("tokenizer_sha256", "0" * 64, "tokenizer_sha256 differs"),
-        ("vocab_size", 50000, r"vocab_size differs \(cache: 50000, this run distils over "
-                              r"49152"),
+        (
+            "vocab_size",
+            50000,
+            r"vocab_size differs \(cache: 50000, this run distils over "
+            r"49152",
+        ),
     ]:
         edited = {**manifest, key: value}
         (root / T.MANIFEST).write_text(json.dumps(edited))
@@ -398,8 +462,11 @@ def test_changed_data_tokenizer_vocabulary_or_teacher_weights_are_named(tmp_path
             TR.build(config(tmp_path, "teacher.source=cache"))
     (root / T.MANIFEST).write_text(json.dumps({**manifest, "teacher_weights_sha256": "f" * 64}))
     with pytest.raises(T.CacheError, match="teacher_weights_sha256 differs"):  # teacher loaded
-        TR.build(config(tmp_path, "teacher.source=cache", "student.init=teacher_layers",
-                        "student.layers=1"))
+        TR.build(
+            config(
+                tmp_path, "teacher.source=cache", "student.init=teacher_layers", "student.layers=1"
+            )
+        )
 
 
 def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
@@ -438,10 +505,19 @@ def test_rows_that_do_not_match_the_batch_are_refused(tmp_path):
 
 def test_packed_batches_read_each_examples_rows_in_order(tmp_path):
     written(tmp_path, "cache.mode=full", "cache.dtype=float32", "data.max_length=256")
-    online, cached = setups(tmp_path, "cache.mode=full", "cache.dtype=float32",
-                            "data.packing=true", "data.max_length=256")
+    online, cached = setups(
+        tmp_path,
+        "cache.mode=full",
+        "cache.dtype=float32",
+        "data.packing=true",
+        "data.max_length=256",
+    )
     batch = first_batch(online)
     assert batch["example_ids"].numel() > batch["input_ids"].shape[0]  # rows hold several
     loss_fn = build_loss("fkl", reduction="sum", vocab_size=online.vocab_size)
-    torch.testing.assert_close(TR.batch_loss(cached, batch, loss_fn).loss,
-                               TR.batch_loss(online, batch, loss_fn).loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        TR.batch_loss(cached, batch, loss_fn).loss,
+        TR.batch_loss(online, batch, loss_fn).loss,
+        rtol=1e-5,
+        atol=0,
+    )

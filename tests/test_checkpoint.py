@@ -58,8 +58,7 @@ def crash_at_step(monkeypatch, step: int, grad_accum: int = 2) -> None:
 
 def crashed_run(tmp_path: Path, monkeypatch, *overrides: str) -> Path:
     """A smoke run (6 steps, checkpoints every 2) killed in step 5: step-2 and step-4 exist."""
-    config = smoke(tmp_path / "run", "train.save_every=2", "train.keep_checkpoints=3",
-                   *overrides)
+    config = smoke(tmp_path / "run", "train.save_every=2", "train.keep_checkpoints=3", *overrides)
     crash_at_step(monkeypatch, 5)
     with pytest.raises(Crash):
         T.train(config)
@@ -81,8 +80,13 @@ def uninterrupted(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 def test_encode_decode_round_trip_keeps_types_and_stores_shared_tensors_once():
     w = torch.randn(3, 4)
-    obj = {"a": [1, 2.5, float("inf"), None, True, "x"], "b": (1, (2, 3)),
-           "c": {0: w, 1: w, "n": float("nan")}, "d": w[1:], "__odd": 1}
+    obj = {
+        "a": [1, 2.5, float("inf"), None, True, "x"],
+        "b": (1, (2, 3)),
+        "c": {0: w, 1: w, "n": float("nan")},
+        "d": w[1:],
+        "__odd": 1,
+    }
     tensors: dict[str, torch.Tensor] = {}
     tree = CK.encode(obj, tensors)
     assert len(tensors) == 2  # w once, and the view w[1:] (another shape) once
@@ -131,14 +135,22 @@ class Payload:
 
 @pytest.mark.slow
 def test_a_planted_pickle_is_never_executed_and_resume_still_matches(
-        tmp_path, monkeypatch, uninterrupted):
+    tmp_path, monkeypatch, uninterrupted
+):
     out = crashed_run(tmp_path, monkeypatch)
     marker = tmp_path / "pwned"
     blob = pickle.dumps(Payload(marker))
     newest = T.checkpoints(out)[-1]
     # Every name accelerate's load_state reads, and torch.load/pickle files of ours if any
-    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl",
-                 "optimizer.bin", "scheduler.bin", "scaler.pt", "pytorch_model.bin"):
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+        "random_states_0.pkl",
+        "optimizer.bin",
+        "scheduler.bin",
+        "scaler.pt",
+        "pytorch_model.bin",
+    ):
         (newest / name).write_bytes(blob)
 
     # And no unpickler may run at all while resuming.
@@ -170,8 +182,11 @@ def test_the_library_has_no_path_to_an_unpickler():
                 assert (node.module or "").split(".")[0] not in banned_modules, where
             elif isinstance(node, ast.Attribute):
                 assert node.attr not in banned_attributes, f"{where}: .{node.attr}"
-                is_torch_load = (node.attr == "load" and isinstance(node.value, ast.Name)
-                                 and node.value.id == "torch")
+                is_torch_load = (
+                    node.attr == "load"
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "torch"
+                )
                 assert not is_torch_load, f"{where}: torch.load"
             elif isinstance(node, ast.keyword):
                 assert node.arg != "weights_only", f"{where}: weights_only="
@@ -198,7 +213,8 @@ def flip_a_byte(path: Path, offset_from_end: int = 100) -> None:
 
 @pytest.mark.slow
 def test_a_flipped_byte_in_the_weights_is_caught_and_an_older_checkpoint_used(
-        tmp_path, monkeypatch, capsys, uninterrupted):
+    tmp_path, monkeypatch, capsys, uninterrupted
+):
     out = crashed_run(tmp_path, monkeypatch)
     newest = T.checkpoints(out)[-1]
     flip_a_byte(newest / "model.safetensors")
@@ -221,8 +237,7 @@ def test_when_checkpoints_exist_and_none_loads_the_run_stops(tmp_path, monkeypat
         T.train(smoke(out, "train.save_every=2", "train.keep_checkpoints=3"))
 
 
-def test_a_kill_between_moving_the_old_copy_aside_and_renaming_the_new_one(tmp_path,
-                                                                            monkeypatch):
+def test_a_kill_between_moving_the_old_copy_aside_and_renaming_the_new_one(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     old = root / "step-00000004"
     old.mkdir(parents=True)
@@ -273,7 +288,10 @@ def test_pruning_never_deletes_the_new_checkpoint_for_a_stray_later_one(tmp_path
     deleted = CK.prune(root, root / "step-00000006", keep=2)
     assert [p.name for p in deleted] == ["step-00000002"]
     assert [p.name for p in CK.list_checkpoints(root)] == [
-        "step-00000004", "step-00000006", "step-99999999"]
+        "step-00000004",
+        "step-00000006",
+        "step-99999999",
+    ]
     assert CK.prune(root, root / "step-00000006", keep=1)[0].name == "step-00000004"
 
 
@@ -308,7 +326,8 @@ def test_final_is_complete_and_checksummed(uninterrupted):
 
 @pytest.mark.slow
 def test_resume_rewrites_metrics_after_the_checkpoint_and_survives_a_torn_line(
-        tmp_path, monkeypatch, uninterrupted):
+    tmp_path, monkeypatch, uninterrupted
+):
     out = crashed_run(tmp_path, monkeypatch)
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a write
@@ -347,7 +366,16 @@ def test_resume_from_a_path_checks_the_config_too(tmp_path, uninterrupted):
     ckpt = T.checkpoints(uninterrupted)[0]
     with pytest.raises(ConfigError, match=r"different config \(train.lr: saved 0.001, now 0.5\)"):
         T.check_output_dir(smoke(tmp_path / "other", f"resume={ckpt}", "train.lr=0.5"))
-    assert T.check_output_dir(smoke(tmp_path / "other", f"resume={ckpt}",
-                                    "train.save_every=2", "train.keep_checkpoints=3")) == ckpt
+    assert (
+        T.check_output_dir(
+            smoke(
+                tmp_path / "other",
+                f"resume={ckpt}",
+                "train.save_every=2",
+                "train.keep_checkpoints=3",
+            )
+        )
+        == ckpt
+    )
     with pytest.raises(ConfigError, match="different config"):
         T.check_output_dir(smoke(uninterrupted, "train.lr=0.5"))

@@ -47,8 +47,7 @@ def run_fused(name, hidden, weight, bias, teacher, labels, grad_scale, **kw):
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     b = None if bias is None else bias.detach().clone().requires_grad_(True)
-    loss = FUSED[name](h, w, teacher, labels, student_bias=b, ignore_index=42, **PARAMS[name],
-                       **kw)
+    loss = FUSED[name](h, w, teacher, labels, student_bias=b, ignore_index=42, **PARAMS[name], **kw)
     (grad_scale * loss).backward()
     return loss, h.grad, w.grad, None if b is None else b.grad
 
@@ -63,8 +62,7 @@ def test_fused_matches_reference(name, teacher_kind, chunk_size):
         teacher, kw = t_logits.float(), {}
     else:
         teacher, kw = t_hidden, {"teacher_weight": t_weight}
-    ours = run_fused(name, hidden, weight, bias, teacher, labels, 2.0, chunk_size=chunk_size,
-                     **kw)
+    ours = run_fused(name, hidden, weight, bias, teacher, labels, 2.0, chunk_size=chunk_size, **kw)
     ref = reference_fused(name, hidden, weight, bias, t_logits, labels, 2.0)
     torch.testing.assert_close(ours[0].double(), ref[0].detach(), rtol=2e-5, atol=2e-6)
     for got, want, what in zip(ours[1:], ref[1:], ["hidden", "weight", "bias"]):
@@ -75,8 +73,9 @@ def test_fused_matches_reference(name, teacher_kind, chunk_size):
 @pytest.mark.parametrize("name", ["taid", "jsd", "akl"])
 def test_fused_bf16_inputs_and_weights(name):
     hidden, weight, bias, t_hidden, t_weight, labels = fused_inputs(dtype=torch.bfloat16, seed=1)
-    ours = run_fused(name, hidden, weight, None, t_hidden, labels, 1.0, teacher_weight=t_weight,
-                     chunk_size=9)
+    ours = run_fused(
+        name, hidden, weight, None, t_hidden, labels, 1.0, teacher_weight=t_weight, chunk_size=9
+    )
     # reference on the logits the bf16 matmuls produce, then float64 math
     t_logits = (t_hidden @ t_weight.T).double()
     ref = reference_fused(name, hidden, weight, None, t_logits, labels, 1.0)
@@ -93,11 +92,11 @@ def test_fused_sum_reduction_and_vocab_slicing():
     _, teacher, _ = make_inputs((3, 29), 70, seed=3)  # teacher padded to 70 rows
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss = TF.fused_linear_forward_kl(h, w, teacher, labels, ignore_index=42, reduction="sum",
-                                      vocab_size=60, chunk_size=11)
+    loss = TF.fused_linear_forward_kl(
+        h, w, teacher, labels, ignore_index=42, reduction="sum", vocab_size=60, chunk_size=11
+    )
     loss.backward()
-    ref = reference_fused("fkl", hidden, weight[:60], None, teacher[..., :60].double(), labels,
-                          1.0)
+    ref = reference_fused("fkl", hidden, weight[:60], None, teacher[..., :60].double(), labels, 1.0)
     n_valid = int((labels != 42).sum())
     torch.testing.assert_close(loss.double(), ref[0].detach() * n_valid, rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(h.grad.double(), ref[1] * n_valid, rtol=2e-4, atol=1e-6)
@@ -136,12 +135,18 @@ def test_fused_cross_entropy_and_mixing():
     out = loss_fn.compute_fused(h1, w1, teacher, labels)
     out.loss.backward()
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    eager = build_loss("taid", total_steps=10, distill_weight=0.7, ignore_index=42,
-                       implementation="eager")
+    eager = build_loss(
+        "taid", total_steps=10, distill_weight=0.7, ignore_index=42, implementation="eager"
+    )
     ref = eager.compute(h2 @ w2.T, teacher, labels)
     ref.loss.backward()
-    for a, b in [(out.loss, ref.loss), (out.distill, ref.distill), (out.ce, ref.ce),
-                 (h1.grad, h2.grad), (w1.grad, w2.grad)]:
+    for a, b in [
+        (out.loss, ref.loss),
+        (out.distill, ref.distill),
+        (out.ce, ref.ce),
+        (h1.grad, h2.grad),
+        (w1.grad, w2.grad),
+    ]:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert out.num_tokens == ref.num_tokens
     ce = TF.fused_linear_cross_entropy(hidden, weight, labels, ignore_index=42)
@@ -151,8 +156,7 @@ def test_fused_cross_entropy_and_mixing():
 def test_fused_all_masked_is_zero_with_zero_grads():
     hidden, weight, bias, _, _, labels = fused_inputs(seed=6)
     labels.fill_(42)
-    loss, gh, gw, gb = run_fused("taid", hidden, weight, bias, torch.randn(3, 29, 61), labels,
-                                 1.0)
+    loss, gh, gw, gb = run_fused("taid", hidden, weight, bias, torch.randn(3, 29, 61), labels, 1.0)
     assert loss.item() == 0.0
     assert torch.all(gh == 0) and torch.all(gw == 0) and torch.all(gb == 0)
 
@@ -165,8 +169,9 @@ def test_fused_refuses_per_position_reduction_and_bad_shapes():
     with pytest.raises(ValueError, match=r"student_weight \(61, 23\)"):
         TF.fused_linear_forward_kl(hidden, weight[:, :23], teacher, labels)
     with pytest.raises(ValueError, match=r"teacher_weight \(61, 7\)"):
-        TF.fused_linear_forward_kl(hidden, weight, torch.randn(3, 29, 8), labels,
-                                   teacher_weight=torch.randn(61, 7))
+        TF.fused_linear_forward_kl(
+            hidden, weight, torch.randn(3, 29, 8), labels, teacher_weight=torch.randn(61, 7)
+        )
     with pytest.raises(TypeError, match="share a dtype"):
         TF.fused_linear_forward_kl(hidden.bfloat16(), weight, teacher, labels)
 
@@ -229,8 +234,15 @@ def test_plain_linear_head_returns_the_weight():
     assert weight is model.head.weight and bias is None
 
 
-@pytest.mark.parametrize("attr,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
-                                        ("logits_scaling", 8.0), ("lm_head_multiplier", 0.5)])
+@pytest.mark.parametrize(
+    "attr,value",
+    [
+        ("final_logit_softcapping", 30.0),
+        ("logit_scale", 0.0625),
+        ("logits_scaling", 8.0),
+        ("lm_head_multiplier", 0.5),
+    ],
+)
 def test_plain_linear_head_refuses_logit_transforms(attr, value):
     with pytest.raises(ValueError, match=f"{attr}={value}.*logits path"):
         plain_linear_head(_Model(**{attr: value}))
@@ -265,8 +277,9 @@ def test_fused_all_rows_valid_matches_reference():
     t_logits = t_hidden.double() @ t_weight.double().T
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss = TF.fused_linear_taid_loss(h, w, t_hidden, None, t=0.37, teacher_weight=t_weight,
-                                     chunk_size=6)
+    loss = TF.fused_linear_taid_loss(
+        h, w, t_hidden, None, t=0.37, teacher_weight=t_weight, chunk_size=6
+    )
     (3 * loss).backward()
     hr = hidden.double().requires_grad_(True)
     wr = weight.double().requires_grad_(True)
@@ -292,24 +305,27 @@ def test_topk_teacher_rebuilds_a_normalised_distribution_with_exact_top_entries(
     _, teacher, _ = make_inputs((3, 7), 50, seed=20)
     source = topk_of(teacher, 8)
     rebuilt = source.rows(slice(0, 21), 50).double()
-    torch.testing.assert_close(rebuilt.logsumexp(-1), torch.zeros(21, dtype=torch.float64),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rebuilt.logsumexp(-1), torch.zeros(21, dtype=torch.float64), atol=1e-5, rtol=0
+    )
     log_p = torch.log_softmax(teacher.double(), -1).reshape(21, 50)
     top = log_p.topk(8, -1)
     torch.testing.assert_close(rebuilt.gather(1, top.indices), top.values, atol=1e-6, rtol=0)
     # every other id carries the same share of the remaining mass
     mask = torch.ones_like(rebuilt, dtype=torch.bool).scatter_(1, top.indices, False)
     rest = 1 - source.log_probs.double().exp().sum(-1)  # from the stored (float32) values
-    torch.testing.assert_close(rebuilt[mask].reshape(21, 42),
-                               (rest / 42).log()[:, None].expand(21, 42), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rebuilt[mask].reshape(21, 42), (rest / 42).log()[:, None].expand(21, 42), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["taid", "fkl", "jsd"])
 def test_full_k_topk_teacher_is_exact(name):
     student, teacher, labels = make_inputs((3, 11), 37, seed=21)
     s1 = student.clone().requires_grad_(True)
-    out = TF.loss_terms(name, s1, topk_of(teacher, 37), labels, ignore_index=42,
-                        chunk_size=5, **PARAMS[name]).loss
+    out = TF.loss_terms(
+        name, s1, topk_of(teacher, 37), labels, ignore_index=42, chunk_size=5, **PARAMS[name]
+    ).loss
     (2 * out).backward()
     s2 = student.double().requires_grad_(True)
     ref = reference(name, s2, teacher.double(), labels, PARAMS[name], ignore_index=42)
@@ -326,8 +342,9 @@ def test_topk_teacher_loss_equals_the_loss_on_its_rebuilt_logits_and_improves_wi
         source = topk_of(teacher, k)
         via_source = TF.loss_terms("taid", student, source, labels, t=0.7, ignore_index=42).loss
         dense = source.rows(slice(0, 36), 64).reshape(4, 9, 64)
-        torch.testing.assert_close(via_source, TF.taid_loss(student, dense, labels, t=0.7,
-                                                            ignore_index=42))
+        torch.testing.assert_close(
+            via_source, TF.taid_loss(student, dense, labels, t=0.7, ignore_index=42)
+        )
         errors.append(abs(via_source.item() - exact.item()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
 

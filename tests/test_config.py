@@ -45,9 +45,16 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
-    config = load_config(write(tmp_path, BASE), ["train.max_steps=20", "loss.name=fkl",
-                                                 "train.lr=3e-4", "resume=false",
-                                                 "train.max_grad_norm=null"])
+    config = load_config(
+        write(tmp_path, BASE),
+        [
+            "train.max_steps=20",
+            "loss.name=fkl",
+            "train.lr=3e-4",
+            "resume=false",
+            "train.max_grad_norm=null",
+        ],
+    )
     assert config.train.max_steps == 20 and isinstance(config.train.max_steps, int)
     assert config.loss.name == "fkl"
     assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
@@ -62,27 +69,45 @@ def test_loss_parameters_sit_beside_the_name(tmp_path):
     assert config.loss.params == {"beta": 0.5}
 
 
-@pytest.mark.parametrize("text,overrides,match", [
-    (BASE + "trian: {max_steps: 3}", [], r"unknown config key 'trian'; did you mean 'train'"),
-    (BASE, ["train.max_step=3"], r"unknown config key 'train.max_step'; did you mean 'max_steps'"),
-    (BASE, ["train.max_steps=ten"], r"train.max_steps: expected an integer, got 'ten'"),
-    (BASE, ["train.max_steps=0"], r"train.max_steps must be > 0, got 0"),
-    (BASE, ["train.mixed_precision=fp8"], r"train.mixed_precision: 'fp8' is not one of"),
-    (BASE, ["loss.name=kld"], r"loss.name 'kld' is not a registered loss"),
-    (BASE, ["loss.t_strat=0.2"], r"unknown config key 'loss.t_strat' for loss 'taid'; "
-                                 r"did you mean 't_start'"),
-    (BASE, ["loss.name=fkl", "loss.t_start=0.2"], r"unknown config key 'loss.t_start' for loss "
-                                                  r"'fkl'"),
-    (BASE, ["loss.t_start=1.5"], r"loss: need 0 <= t_start <= t_end <= 1"),
-    (BASE, ["loss.total_steps=5"], r"set by the trainer"),
-    (BASE, ["train.lr_scheduler=cosin"], r"did you mean 'cosine'"),
-    (BASE, ["resume=true"], r"resume must be 'auto', a checkpoint path, or false"),
-    (BASE, ["student.init=pretrained"], r"student.name_or_path is required"),
-    (BASE, ["data.path="], r"data.path is required"),
-    # regression: a teacher with both used to be built at random, ignoring the weights
-    (BASE, ["teacher.architecture={model_type: llama}"],
-     r"teacher.name_or_path and teacher.architecture are both set"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,match",
+    [
+        (BASE + "trian: {max_steps: 3}", [], r"unknown config key 'trian'; did you mean 'train'"),
+        (
+            BASE,
+            ["train.max_step=3"],
+            r"unknown config key 'train.max_step'; did you mean 'max_steps'",
+        ),
+        (BASE, ["train.max_steps=ten"], r"train.max_steps: expected an integer, got 'ten'"),
+        (BASE, ["train.max_steps=0"], r"train.max_steps must be > 0, got 0"),
+        (BASE, ["train.mixed_precision=fp8"], r"train.mixed_precision: 'fp8' is not one of"),
+        (BASE, ["loss.name=kld"], r"loss.name 'kld' is not a registered loss"),
+        (
+            BASE,
+            ["loss.t_strat=0.2"],
+            r"unknown config key 'loss.t_strat' for loss 'taid'; "
+            r"did you mean 't_start'",
+        ),
+        (
+            BASE,
+            ["loss.name=fkl", "loss.t_start=0.2"],
+            r"unknown config key 'loss.t_start' for loss "
+            r"'fkl'",
+        ),
+        (BASE, ["loss.t_start=1.5"], r"loss: need 0 <= t_start <= t_end <= 1"),
+        (BASE, ["loss.total_steps=5"], r"set by the trainer"),
+        (BASE, ["train.lr_scheduler=cosin"], r"did you mean 'cosine'"),
+        (BASE, ["resume=true"], r"resume must be 'auto', a checkpoint path, or false"),
+        (BASE, ["student.init=pretrained"], r"student.name_or_path is required"),
+        (BASE, ["data.path="], r"data.path is required"),
+        # regression: a teacher with both used to be built at random, ignoring the weights
+        (
+            BASE,
+            ["teacher.architecture={model_type: llama}"],
+            r"teacher.name_or_path and teacher.architecture are both set",
+        ),
+    ],
+)
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text), overrides)
@@ -101,8 +126,16 @@ def test_malformed_override():
 def test_describe_covers_every_field_with_help():
     rows = describe()
     keys = [r[0] for r in rows]
-    for required in ("output_dir", "train.max_steps", "train.save_every", "resume", "loss.name",
-                     "seed", "data.packing", "student.layers"):
+    for required in (
+        "output_dir",
+        "train.max_steps",
+        "train.save_every",
+        "resume",
+        "loss.name",
+        "seed",
+        "data.packing",
+        "student.layers",
+    ):
         assert required in keys
     assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]
 
@@ -112,8 +145,8 @@ def test_config_reference_in_docs_is_generated_from_the_schema():
 
     text = (ROOT / "docs" / "config.md").read_text()
     assert reference_markdown() in text, (
-        "docs/config.md is out of date: regenerate it with "
-        "`python -m taid.config > docs/config.md`")
+        "docs/config.md is out of date: regenerate it with `python -m taid.config > docs/config.md`"
+    )
 
 
 def test_yaml_1_1_exponent_without_dot_is_a_number(tmp_path):
@@ -134,5 +167,4 @@ def test_loss_ignore_index_is_set_by_the_trainer():
     # The collator marks ignored labels with taid.data.IGNORE_INDEX; a different loss value
     # would count padding as targets in the loss but not in the step's token count.
     with pytest.raises(ConfigError, match=r"'loss.ignore_index'.*set by the trainer"):
-        load_config(None, ["data.path=x.jsonl", "teacher.name_or_path=x",
-                           "loss.ignore_index=0"])
+        load_config(None, ["data.path=x.jsonl", "teacher.name_or_path=x", "loss.ignore_index=0"])

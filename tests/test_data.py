@@ -31,8 +31,9 @@ def chat(user: str = "Hi", assistant: str | None = "Hello there.") -> dict:
 
 
 def write_lines(path: Path, rows: list) -> Path:
-    path.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode()
-                              for r in rows))
+    path.write_bytes(
+        b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows)
+    )
     return path
 
 
@@ -41,20 +42,31 @@ def examples(path: Path, tok, *overrides: str):
     return D.load_examples(cfg, tok)[0]
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([], r"empty.jsonl'?: the file is empty"),
-    ([chat(), chat(), b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'],
-     r"bad.jsonl:3: not valid UTF-8 \(byte 0xe9 at column \d+\)"),
-    ([chat(), chat(), chat(), b'{"messages": [}\n'], r"bad.jsonl:4: not valid JSON \(.+\)"),
-    ([chat(), [1, 2]], r"bad.jsonl:2: a JSON list, not an object"),
-    ([chat(), {"messages": "Hi there"}],
-     r"bad.jsonl:2: cannot be tokenized as messages data \(the chat turns must be a non-empty "
-     r"list of .+, got a str\)"),
-    ([chat(), {"messages": [{"content": "Hi"}, {"role": "assistant", "content": "x"}]}],
-     r"bad.jsonl:2: .+turn 1 has no 'role'"),
-    ([chat(), {"messages": [{"role": "user", "content": "Hi"}, "Hello"]}],
-     r"bad.jsonl:2: .+turn 2 is a str"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], r"empty.jsonl'?: the file is empty"),
+        (
+            [chat(), chat(), b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'],
+            r"bad.jsonl:3: not valid UTF-8 \(byte 0xe9 at column \d+\)",
+        ),
+        ([chat(), chat(), chat(), b'{"messages": [}\n'], r"bad.jsonl:4: not valid JSON \(.+\)"),
+        ([chat(), [1, 2]], r"bad.jsonl:2: a JSON list, not an object"),
+        (
+            [chat(), {"messages": "Hi there"}],
+            r"bad.jsonl:2: cannot be tokenized as messages data \(the chat turns must be a "
+            r"non-empty list of .+, got a str\)",
+        ),
+        (
+            [chat(), {"messages": [{"content": "Hi"}, {"role": "assistant", "content": "x"}]}],
+            r"bad.jsonl:2: .+turn 1 has no 'role'",
+        ),
+        (
+            [chat(), {"messages": [{"role": "user", "content": "Hi"}, "Hello"]}],
+            r"bad.jsonl:2: .+turn 2 is a str",
+        ),
+    ],
+)
 def test_bad_rows_are_named_by_file_and_line(tmp_path, tok, rows, match):
     name = "empty.jsonl" if not rows else "bad.jsonl"
     path = write_lines(tmp_path / name, rows)
@@ -90,8 +102,9 @@ def test_invalid_utf8_in_a_text_file_is_named_by_line(tmp_path, tok):
 
 
 def test_a_missing_field_names_the_field_and_the_setting(tmp_path, tok):
-    path = write_lines(tmp_path / "pairs.jsonl", [{"prompt": "a", "response": "b"},
-                                                  {"prompt": "c"}])
+    path = write_lines(
+        tmp_path / "pairs.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}]
+    )
     with pytest.raises(ConfigError, match=r"pairs.jsonl:2: .+no field 'response'.+data.format"):
         examples(path, tok)
 
@@ -106,15 +119,19 @@ def test_dropped_examples_are_counted_by_reason_and_reported(tmp_path, tok, capl
     assert len(got) == 18
     message = caplog.text
     assert "dropped 2 of 20 examples" in message
-    assert "1 with no target token" in message and "1 whose prompt fills data.max_length=96" \
-        in message
+    assert (
+        "1 with no target token" in message and "1 whose prompt fills data.max_length=96" in message
+    )
 
 
 def test_dropping_more_than_the_set_fraction_stops_before_training(tmp_path, tok):
     rows = [chat(f"Q{i}", f"A{i}.") for i in range(8)] + [chat("x", None)] * 2
     path = write_lines(tmp_path / "mixed.jsonl", rows)
-    with pytest.raises(ConfigError, match=r"dropped 2 of 10 examples.+more than "
-                                          r"data.max_dropped_fraction=0.1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dropped 2 of 10 examples.+more than "
+        r"data.max_dropped_fraction=0.1",
+    ):
         examples(path, tok)
     assert len(examples(path, tok, "data.max_dropped_fraction=0.2", "data.eval_size=0")) == 8
 

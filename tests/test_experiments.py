@@ -34,8 +34,9 @@ def test_quick_comparison_produces_the_report(tmp_path):
 
     # a second call reuses the finished runs and rewrites only the report's block
     report_path = out["report"]
-    report_path.write_text("Intro kept.\n\n" + report_path.read_text().split("\n", 2)[2]
-                           + "\nOutro kept.\n")
+    report_path.write_text(
+        "Intro kept.\n\n" + report_path.read_text().split("\n", 2)[2] + "\nOutro kept.\n"
+    )
     compare["main"](["--quick", "--out", str(tmp_path / "runs")])
     text = report_path.read_text()
     assert text.startswith("Intro kept.") and text.rstrip().endswith("Outro kept.")

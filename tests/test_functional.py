@@ -16,8 +16,7 @@ from taid.divergences import DIVERGENCES
 torch.set_num_threads(2)
 
 # name -> (public function, hyperparameters used in the tests), from the registry
-PUBLIC = {name: (getattr(TF, spec.function), PARAMS[name])
-          for name, spec in DIVERGENCES.items()}
+PUBLIC = {name: (getattr(TF, spec.function), PARAMS[name]) for name, spec in DIVERGENCES.items()}
 NAMES = list(PUBLIC)
 
 
@@ -38,21 +37,46 @@ def impl(request):
     return request.param
 
 
-def run_ours(name, student, teacher, labels, *, ignore_index, reduction="mean", grad_scale=2.0,
-             params=None, impl="chunked"):
+def run_ours(
+    name,
+    student,
+    teacher,
+    labels,
+    *,
+    ignore_index,
+    reduction="mean",
+    grad_scale=2.0,
+    params=None,
+    impl="chunked",
+):
     fn, default_params = PUBLIC[name]
     s = student.clone().requires_grad_(True)
-    out = fn(s, teacher, labels, ignore_index=ignore_index, reduction=reduction,
-             **(default_params if params is None else params), **IMPLS[impl])
+    out = fn(
+        s,
+        teacher,
+        labels,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        **(default_params if params is None else params),
+        **IMPLS[impl],
+    )
     (out * grad_scale).sum().backward()
     return out, s.grad
 
 
-def run_reference(name, student, teacher, labels, *, ignore_index, reduction="mean",
-                  grad_scale=2.0, params=None):
+def run_reference(
+    name, student, teacher, labels, *, ignore_index, reduction="mean", grad_scale=2.0, params=None
+):
     s = student.detach().double().requires_grad_(True)
-    out = reference(name, s, teacher, labels, PUBLIC[name][1] if params is None else params,
-                    ignore_index=ignore_index, reduction=reduction)
+    out = reference(
+        name,
+        s,
+        teacher,
+        labels,
+        PUBLIC[name][1] if params is None else params,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
     (out * grad_scale).sum().backward()
     return out, s.grad
 
@@ -65,10 +89,10 @@ def run_reference(name, student, teacher, labels, *, ignore_index, reduction="me
 def test_matches_reference_odd_shape_masked(name, reduction, impl):
     student, teacher, labels = make_inputs((3, 47), 123, ignore_index=42)
     assert (labels == 42).float().mean() > 0.15  # a real share of positions is masked
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl,
-                       reduction=reduction)
-    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42,
-                               reduction=reduction)
+    ours, g = run_ours(
+        name, student, teacher, labels, ignore_index=42, impl=impl, reduction=reduction
+    )
+    ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=42, reduction=reduction)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
@@ -80,8 +104,7 @@ def test_matches_reference_odd_shape_masked(name, reduction, impl):
 @pytest.mark.parametrize("shape,V", [((17,), 5), ((2, 3, 5), 31), ((1, 1), 2)])
 def test_matches_reference_other_shapes_default_ignore_index(name, shape, V, impl):
     student, teacher, labels = make_inputs(shape, V, ignore_index=-100, seed=1)
-    ours, g = run_ours(name, student, teacher, labels, ignore_index=-100, impl=impl,
-                       grad_scale=0.5)
+    ours, g = run_ours(name, student, teacher, labels, ignore_index=-100, impl=impl, grad_scale=0.5)
     ref, g_ref = run_reference(name, student, teacher, labels, ignore_index=-100, grad_scale=0.5)
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
@@ -136,8 +159,11 @@ def test_teacher_only_neg_inf_stays_finite(name, impl):
     torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("name,params", [("taid", {"t": 0.37}), ("taid", {"t": 1.0})]
-                         + [(n, PUBLIC[n][1]) for n in NAMES if n != "taid"])
+@pytest.mark.parametrize(
+    "name,params",
+    [("taid", {"t": 0.37}), ("taid", {"t": 1.0})]
+    + [(n, PUBLIC[n][1]) for n in NAMES if n != "taid"],
+)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_a_slot_masked_on_one_side_is_exact_or_a_clear_error(name, params, side, impl):
     """Where the true value is +inf (the reference says so), the loss refuses with the side
@@ -146,8 +172,11 @@ def test_a_slot_masked_on_one_side_is_exact_or_a_clear_error(name, params, side,
     (student if side == "student" else teacher)[..., 3] = -math.inf
     ref, _ = run_reference(name, student, teacher, labels, ignore_index=42, params=params)
     if not torch.isfinite(ref):
-        with pytest.raises(ValueError, match=rf"loss is infinite.*the {side}'s logits are -inf "
-                                             rf"at vocabulary ids \[3\]"):
+        with pytest.raises(
+            ValueError,
+            match=rf"loss is infinite.*the {side}'s logits are -inf "
+            rf"at vocabulary ids \[3\]",
+        ):
             run_ours(name, student, teacher, labels, ignore_index=42, params=params, impl=impl)
         return
     ours, g = run_ours(name, student, teacher, labels, ignore_index=42, params=params, impl=impl)
@@ -187,8 +216,7 @@ def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction, impl):
         out = TF.cross_entropy(s, labels, ignore_index=-7, reduction=reduction, **IMPLS[impl])
     else:
         fn, params = PUBLIC[name]
-        out = fn(s, teacher, labels, ignore_index=-7, reduction=reduction, **params,
-                 **IMPLS[impl])
+        out = fn(s, teacher, labels, ignore_index=-7, reduction=reduction, **params, **IMPLS[impl])
     out.sum().backward()
     assert torch.all(out == 0)
     assert s.grad is not None and torch.all(s.grad == 0)
@@ -199,8 +227,9 @@ def test_all_masked_gives_zero_loss_and_zero_grad(name, reduction, impl):
 # ------------------------------------------------------------------------------------------
 def test_taid_at_t0_is_zero_with_zero_gradient(impl):
     student, teacher, labels = make_inputs((3, 8), 50, seed=8)
-    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl,
-                       params={"t": 0.0})
+    loss, g = run_ours(
+        "taid", student, teacher, labels, ignore_index=42, impl=impl, params={"t": 0.0}
+    )
     assert loss.item() == 0.0
     if impl == "eager":  # autograd rounds q and p_t differently: zero up to float32 rounding
         assert g.abs().max() < 1e-7
@@ -211,10 +240,19 @@ def test_taid_at_t0_is_zero_with_zero_gradient(impl):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_taid_at_t1_equals_forward_kl(reduction, impl):
     student, teacher, labels = make_inputs((3, 8), 50, seed=9)
-    taid, g_taid = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl,
-                            reduction=reduction, params={"t": 1.0})
-    fkl, g_fkl = run_ours("fkl", student, teacher, labels, ignore_index=42, impl=impl,
-                          reduction=reduction)
+    taid, g_taid = run_ours(
+        "taid",
+        student,
+        teacher,
+        labels,
+        ignore_index=42,
+        impl=impl,
+        reduction=reduction,
+        params={"t": 1.0},
+    )
+    fkl, g_fkl = run_ours(
+        "fkl", student, teacher, labels, ignore_index=42, impl=impl, reduction=reduction
+    )
     torch.testing.assert_close(taid, fkl, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g_taid, g_fkl, rtol=1e-6, atol=1e-8)
 
@@ -230,8 +268,16 @@ def test_identical_student_and_teacher_give_zero(name, impl):
 @pytest.mark.parametrize("t", [0.0, 0.2, 0.73, 1.0])
 def test_taid_gradient_is_q_minus_pt_over_valid_tokens(t, impl):
     student, teacher, labels = make_inputs((5, 7), 33, seed=11)
-    loss, g = run_ours("taid", student, teacher, labels, ignore_index=42, impl=impl, grad_scale=1.0,
-                       params={"t": t})
+    loss, g = run_ours(
+        "taid",
+        student,
+        teacher,
+        labels,
+        ignore_index=42,
+        impl=impl,
+        grad_scale=1.0,
+        params={"t": t},
+    )
     valid = labels != 42
     q = torch.softmax(student.double(), -1)
     pt = torch.softmax((1 - t) * student.double() + t * teacher.double(), -1)
@@ -275,11 +321,14 @@ def test_forward_and_reverse_kl_sanity_values():
 
 def test_skew_with_alpha_zero_reduces_to_plain_kl():
     student, teacher, labels = make_inputs((3, 4), 21, seed=13)
-    torch.testing.assert_close(TF.skew_kl(student, teacher, labels, alpha=0.0, ignore_index=42),
-                               TF.forward_kl(student, teacher, labels, ignore_index=42))
+    torch.testing.assert_close(
+        TF.skew_kl(student, teacher, labels, alpha=0.0, ignore_index=42),
+        TF.forward_kl(student, teacher, labels, ignore_index=42),
+    )
     torch.testing.assert_close(
         TF.skew_reverse_kl(student, teacher, labels, alpha=0.0, ignore_index=42),
-        TF.reverse_kl(student, teacher, labels, ignore_index=42))
+        TF.reverse_kl(student, teacher, labels, ignore_index=42),
+    )
 
 
 def test_adaptive_kl_head_is_mapped_back_to_vocabulary_order():
@@ -290,7 +339,7 @@ def test_adaptive_kl_head_is_mapped_back_to_vocabulary_order():
     s = torch.log(torch.tensor([[0.2, 0.2, 0.6]]))
     gap = torch.tensor([0.15, 0.15, 0.3])
     w_head = 0.3 / gap.sum()  # head = {token 2} only
-    expected = (w_head * TF.forward_kl(s, z) + (1 - w_head) * TF.reverse_kl(s, z))
+    expected = w_head * TF.forward_kl(s, z) + (1 - w_head) * TF.reverse_kl(s, z)
     torch.testing.assert_close(TF.adaptive_kl(s, z, mu=0.5), expected)
 
 
@@ -299,8 +348,9 @@ def test_cross_entropy_matches_torch_with_custom_ignore_index(impl):
     s1 = student.clone().requires_grad_(True)
     s2 = student.clone().requires_grad_(True)
     ours = TF.cross_entropy(s1, labels, ignore_index=42, **IMPLS[impl])
-    ref = torch.nn.functional.cross_entropy(s2.reshape(-1, 123), labels.reshape(-1),
-                                            ignore_index=42)
+    ref = torch.nn.functional.cross_entropy(
+        s2.reshape(-1, 123), labels.reshape(-1), ignore_index=42
+    )
     (2 * ours).backward()
     (2 * ref).backward()
     torch.testing.assert_close(ours, ref)
@@ -320,8 +370,18 @@ def test_one_batch_of_8_equals_8_batches_of_1(name, impl):
     n_total = (labels != 42).sum()
     total = 0.0
     for i in range(8):
-        part = fn(s_micro[i:i + 1], teacher[i:i + 1], labels[i:i + 1], ignore_index=42,
-                  reduction="sum", **params, **IMPLS[impl]) / n_total
+        part = (
+            fn(
+                s_micro[i : i + 1],
+                teacher[i : i + 1],
+                labels[i : i + 1],
+                ignore_index=42,
+                reduction="sum",
+                **params,
+                **IMPLS[impl],
+            )
+            / n_total
+        )
         part.backward()
         total += part.item()
     assert total == pytest.approx(full.item(), rel=1e-5)
@@ -338,11 +398,11 @@ def test_vocab_size_slices_padded_rows(name, impl):
     padded_teacher = torch.cat([teacher, torch.randn(3, 5, 2)], dim=-1)  # 66 rows
     fn, params = PUBLIC[name]
     s = padded_student.clone().requires_grad_(True)
-    out = fn(s, padded_teacher, labels, ignore_index=42, vocab_size=64, **params,
-             **IMPLS[impl])
+    out = fn(s, padded_teacher, labels, ignore_index=42, vocab_size=64, **params, **IMPLS[impl])
     out.backward()
-    ref, g_ref = run_ours(name, student, teacher, labels, ignore_index=42, impl=impl,
-                          grad_scale=1.0)
+    ref, g_ref = run_ours(
+        name, student, teacher, labels, ignore_index=42, impl=impl, grad_scale=1.0
+    )
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s.grad[..., :64], g_ref)
     assert torch.all(s.grad[..., 64:] == 0)
@@ -383,8 +443,15 @@ def test_t_outside_unit_interval_is_refused(t):
         TF.taid_loss(torch.randn(2, 10), torch.randn(2, 10), t=t)
 
 
-@pytest.mark.parametrize("fn,kw", [(TF.jsd, {"beta": 0.0}), (TF.jsd, {"beta": 1.0}),
-                                   (TF.skew_kl, {"alpha": 1.0}), (TF.adaptive_kl, {"mu": 0.0})])
+@pytest.mark.parametrize(
+    "fn,kw",
+    [
+        (TF.jsd, {"beta": 0.0}),
+        (TF.jsd, {"beta": 1.0}),
+        (TF.skew_kl, {"alpha": 1.0}),
+        (TF.adaptive_kl, {"mu": 0.0}),
+    ],
+)
 def test_hyperparameters_out_of_range_are_refused(fn, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         fn(torch.randn(2, 10), torch.randn(2, 10), **kw)
@@ -415,14 +482,12 @@ def test_the_autograd_fallback_equals_the_analytic_gradient(name, fused, monkeyp
         hidden = torch.randn(3, 11, 8, generator=g).requires_grad_(True)
         weight = torch.randn(37, 8, generator=g).requires_grad_(True)
         fn = getattr(TF, f"fused_linear_{DIVERGENCES[name].function}")
-        out = fn(hidden, weight, teacher, labels, ignore_index=42, chunk_size=7,
-                 **PUBLIC[name][1])
+        out = fn(hidden, weight, teacher, labels, ignore_index=42, chunk_size=7, **PUBLIC[name][1])
         (2.0 * out).backward()
         return out, torch.cat([hidden.grad.reshape(-1), weight.grad.reshape(-1)])
 
     analytic_loss, analytic_grad = run()
-    monkeypatch.setitem(DIVERGENCES, name,
-                        dataclasses.replace(DIVERGENCES[name], analytic=False))
+    monkeypatch.setitem(DIVERGENCES, name, dataclasses.replace(DIVERGENCES[name], analytic=False))
     fallback_loss, fallback_grad = run()
     torch.testing.assert_close(fallback_loss, analytic_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fallback_grad, analytic_grad, rtol=1e-4, atol=1e-6)

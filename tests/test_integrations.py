@@ -32,13 +32,28 @@ def make_trainer(example, out: Path, steps: int, **kw) -> TAIDTrainer:
     torch.manual_seed(0)
     teacher = example["tiny_llama"](96, 2)
     student = example["tiny_llama"](48, 1)
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, learning_rate=3e-3,
-                             lr_scheduler_type="cosine", logging_steps=1, save_steps=3,
-                             report_to=[], seed=0, use_cpu=True, **kw.pop("args", {}))
-    return TAIDTrainer(model=student, teacher_model=teacher, args=args,
-                       train_dataset=example["CountingDataset"](64, seed=0),
-                       eval_dataset=example["CountingDataset"](8, seed=1), **kw)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        save_steps=3,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        **kw.pop("args", {}),
+    )
+    return TAIDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=example["CountingDataset"](64, seed=0),
+        eval_dataset=example["CountingDataset"](8, seed=1),
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -128,22 +143,32 @@ def test_trainer_integration_matches_our_loop(tmp_path):
     from taid import trainer as T
     from taid.config import load_config
 
-    config = load_config(ROOT / "configs" / "smoke.yaml", [
-        f"output_dir={tmp_path / 'ours'}", "train.eval_every=0", "train.save_every=0",
-        "data.eval_size=0", "log.plot=false"])
+    config = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            f"output_dir={tmp_path / 'ours'}",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "data.eval_size=0",
+            "log.plot=false",
+        ],
+    )
     initial = T.build(config)
     student0 = {k: v.clone() for k, v in initial.student.state_dict().items()}
     teacher = initial.teacher
     ours = T.train(config)
     final_ours = load_file(str(Path(ours["final_dir"]) / "model.safetensors"))
-    t_ours = [json.loads(line)["t"] for line in
-              (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
+    t_ours = [
+        json.loads(line)["t"]
+        for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
 
     # The examples in the order our loop consumed them, as transformers-style rows.
     tc = config.train
-    stream = D.BatchStream(initial.train_examples, tc.batch_size, seed=config.seed, pad_id=0,
-                           packed=False)
+    stream = D.BatchStream(
+        initial.train_examples, tc.batch_size, seed=config.seed, pad_id=0, packed=False
+    )
     order = stream.order(0)
     n = tc.max_steps * tc.grad_accum * tc.batch_size
     assert n <= stream.batches_per_epoch * tc.batch_size  # one epoch suffices here
@@ -154,8 +179,11 @@ def test_trainer_integration_matches_our_loop(tmp_path):
         out = D.collate(batch, pad, packed=False)
         hf_labels = torch.full_like(out["input_ids"], -100)  # unshifted, as transformers wants
         hf_labels[:, 1:] = out["labels"][:, :-1]
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
-                "labels": hf_labels}
+        return {
+            "input_ids": out["input_ids"],
+            "attention_mask": out["attention_mask"],
+            "labels": hf_labels,
+        }
 
     class InOrder(TAIDTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -164,15 +192,34 @@ def test_trainer_integration_matches_our_loop(tmp_path):
     student = AutoModelForCausalLM.from_config(initial.student.config)
     student.load_state_dict(student0)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), max_steps=tc.max_steps,
-        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
-        learning_rate=tc.lr, adam_beta1=tc.betas[0], adam_beta2=tc.betas[1],
-        weight_decay=tc.weight_decay, lr_scheduler_type=tc.lr_scheduler,
-        warmup_steps=tc.warmup_steps, max_grad_norm=tc.max_grad_norm, optim="adamw_torch",
-        logging_steps=1, save_strategy="no", report_to=[], seed=config.seed, use_cpu=True,
-        dataloader_drop_last=True)
-    hf = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows,
-                 data_collator=collate, loss="taid", loss_kwargs=dict(config.loss.params))
+        output_dir=str(tmp_path / "hf"),
+        max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=tc.lr,
+        adam_beta1=tc.betas[0],
+        adam_beta2=tc.betas[1],
+        weight_decay=tc.weight_decay,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_steps,
+        max_grad_norm=tc.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        use_cpu=True,
+        dataloader_drop_last=True,
+    )
+    hf = InOrder(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=rows,
+        data_collator=collate,
+        loss="taid",
+        loss_kwargs=dict(config.loss.params),
+    )
     hf.train()
     t_hf = [h["t"] for h in hf.state.log_history if "t" in h]
     # both log the t each step trained with, under the same key
@@ -180,8 +227,9 @@ def test_trainer_integration_matches_our_loop(tmp_path):
     final_hf = hf.model.state_dict()
     assert set(final_ours) <= set(final_hf) and final_ours
     for name, p in final_ours.items():
-        torch.testing.assert_close(final_hf[name], p, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            final_hf[name], p, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.slow

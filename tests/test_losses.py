@@ -155,8 +155,9 @@ def test_sum_reduction_and_token_count_for_global_normalisation():
 def test_vocab_size_through_the_module():
     s, z, labels = inputs(V=40)
     loss_fn = build_loss("fkl", vocab_size=32)
-    torch.testing.assert_close(loss_fn(s, z[..., :35], labels),
-                               TF.forward_kl(s[..., :32], z[..., :32], labels))
+    torch.testing.assert_close(
+        loss_fn(s, z[..., :35], labels), TF.forward_kl(s[..., :32], z[..., :32], labels)
+    )
 
 
 def test_bad_module_settings():
@@ -252,6 +253,11 @@ def test_a_new_divergence_is_one_function_and_one_description(tmp_path):
 
     script = tmp_path / "new_divergence.py"
     script.write_text(NEW_DIVERGENCE)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

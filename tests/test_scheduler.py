@@ -126,14 +126,17 @@ def test_accepts_scalar_tensors():
     assert isinstance(t, float) and t > 0.4
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"total_steps": 0}, "total_steps"),
-    ({"total_steps": None}, "total_steps"),
-    ({"total_steps": 10, "t_start": 0.9, "t_end": 0.5}, "t_start <= t_end"),
-    ({"total_steps": 10, "t_end": 1.5}, "t_end"),
-    ({"total_steps": 10, "beta": 1.0}, "beta"),
-    ({"total_steps": 10, "alpha": -1.0}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": None}, "total_steps"),
+        ({"total_steps": 10, "t_start": 0.9, "t_end": 0.5}, "t_start <= t_end"),
+        ({"total_steps": 10, "t_end": 1.5}, "t_end"),
+        ({"total_steps": 10, "beta": 1.0}, "beta"),
+        ({"total_steps": 10, "alpha": -1.0}, "alpha"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TAIDScheduler(**kwargs)

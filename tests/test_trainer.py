@@ -17,8 +17,13 @@ from taid.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def smoke(tmp_path: Path, *overrides: str):
@@ -39,18 +44,37 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(SMOKE),
-         f"output_dir={out}", "log.samples=1", "log.sample_tokens=4"],
-        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            "log.samples=1",
+            "log.sample_tokens=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "student after" in proc.stdout and "prompt:" in proc.stdout
-    for name in ("config.yaml", "metrics.jsonl", "loss_and_t.png", "final/config.json",
-                 "final/model.safetensors", "final/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss_and_t.png",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     steps = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert all(r["t"] >= 0.4 for r in steps) and steps[-1]["t_next"] == pytest.approx(
-        0.4 + 0.6 * 5 / 6)
+        0.4 + 0.6 * 5 / 6
+    )
     evals = [r for r in metrics(out) if "eval/kl_teacher_student" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -108,10 +132,20 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     out2 = tmp_path / "two"
     # accelerate launch with two processes on this CPU machine (torchrun + gloo; see the config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-           str(ROOT / "scripts" / "train.py"), "--config", str(SMOKE), f"output_dir={out2}",
-           "train.batch_size=2", "train.save_every=0", "train.eval_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(SMOKE),
+        f"output_dir={out2}",
+        "train.batch_size=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = [r for r in metrics(out2) if "loss" in r]
@@ -119,8 +153,9 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     assert len(rank0) == len(rank1) == 6
     for r0, r1 in zip(rank0, rank1):
         assert r0["t"] == r1["t"] and r0["loss"] == pytest.approx(r1["loss"], abs=0)
-    one = T.train(smoke(tmp_path / "one", "train.batch_size=4", "train.save_every=0",
-                        "train.eval_every=0"))
+    one = T.train(
+        smoke(tmp_path / "one", "train.batch_size=4", "train.save_every=0", "train.eval_every=0")
+    )
     single = [r for r in metrics(Path(one["final_dir"]).parent) if "loss" in r]
     for r1, r2 in zip(single, rank0):
         assert r1["tokens"] == r2["tokens"]
@@ -150,8 +185,11 @@ def test_empty_dataset(tmp_path):
 
 
 def test_too_long_without_truncation(tmp_path):
-    with pytest.raises(ConfigError, match=r"quickstart.jsonl:\d+ has \d+ tokens, more than "
-                                          r"data.max_length=16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"quickstart.jsonl:\d+ has \d+ tokens, more than "
+        r"data.max_length=16",
+    ):
         T.train(smoke(tmp_path, "data.max_length=16", "data.truncation=false"))
 
 
@@ -162,21 +200,37 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "train.lr=0.01"))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "resume=false"))
-    assert T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "train.lr=0.01",
-                                    "overwrite=true")) is None
+    assert (
+        T.check_output_dir(smoke(tmp_path, "train.max_steps=2", "train.lr=0.01", "overwrite=true"))
+        is None
+    )
 
 
 def test_corrupt_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
-    config = smoke(tmp_path, "train.max_steps=4", "train.save_every=2",
-                   "train.keep_checkpoints=3", "log.plot=false")
+    config = smoke(
+        tmp_path,
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.keep_checkpoints=3",
+        "log.plot=false",
+    )
     T.train(config)
     out = Path(config.output_dir)
     newest = T.checkpoints(out)[-1]
     for f in newest.glob("*.safetensors"):
         f.write_bytes(b"garbage")
-    resumed = T.train(load_config(SMOKE, [f"output_dir={out}", "train.max_steps=4",
-                                          "train.save_every=2", "train.keep_checkpoints=3",
-                                          "log.plot=false"]))
+    resumed = T.train(
+        load_config(
+            SMOKE,
+            [
+                f"output_dir={out}",
+                "train.max_steps=4",
+                "train.save_every=2",
+                "train.keep_checkpoints=3",
+                "log.plot=false",
+            ],
+        )
+    )
     assert "could not be loaded" in capsys.readouterr().out
     assert resumed["steps"] == 4
 
@@ -191,8 +245,11 @@ def test_mismatched_tokenizers_are_named():
     smol = load_tokenizer("smollm2-135m-instruct")
     words = {w: i for i, w in enumerate(["<unk>", "hello", "world", "taid"])}
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<unk>")))
-    with pytest.raises(ValueError, match=r"teacher tokenizer .*49152 tokens.* student "
-                                         r"tokenizer .* disagree on token ids"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher tokenizer .*49152 tokens.* student "
+        r"tokenizer .* disagree on token ids",
+    ):
         check_tokenizers(smol, other)
     assert check_tokenizers(smol, smol) == 49152
 
@@ -204,17 +261,27 @@ def test_response_only_masking_keeps_end_of_turn_when_pad_is_eos():
     tok = load_tokenizer("smollm2-135m-instruct")
     assert tok.pad_token_id == tok.eos_token_id
     cfg = load_config(SMOKE).data
-    ex = D.tokenize_row({"messages": [{"role": "user", "content": "Hi"},
-                                      {"role": "assistant", "content": "Hello there."}]},
-                        "messages", tok, cfg)
-    batch = D.collate([ex, D.Example(ex.input_ids[:5], ex.targets[:5])], tok.pad_token_id,
-                      packed=False)
+    ex = D.tokenize_row(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there."},
+            ]
+        },
+        "messages",
+        tok,
+        cfg,
+    )
+    batch = D.collate(
+        [ex, D.Example(ex.input_ids[:5], ex.targets[:5])], tok.pad_token_id, packed=False
+    )
     labels = batch["labels"][0]
     targets = labels[labels != -100].tolist()
     assert tok.decode(targets).startswith("Hello there.")
-    assert targets[-2] == tok.convert_tokens_to_ids("<|im_end|>") or \
-        targets[-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    prompt_part = tok.decode(ex.input_ids[:ex.targets.index(1)])
+    assert targets[-2] == tok.convert_tokens_to_ids("<|im_end|>") or targets[
+        -1
+    ] == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt_part = tok.decode(ex.input_ids[: ex.targets.index(1)])
     assert "Hi" in prompt_part and "Hello" not in prompt_part
     # The short row is padded with the same id as end-of-turn; its padding is never a target,
     # while the long row's end-of-turn (that same id) is.
@@ -228,9 +295,16 @@ def test_packing_never_attends_across_examples():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     a = D.Example([1, 5, 7, 9], [1, 1, 1, 1])
     b = D.Example([2, 4, 6], [1, 1, 1])
     packed = D.collate(D.pack([a, b], 16), pad_id=0, packed=True)
@@ -238,8 +312,9 @@ def test_packing_never_attends_across_examples():
     with torch.no_grad():
         # the trainer always runs without a KV cache: only then does transformers derive the
         # block-diagonal mask from the restarting position_ids
-        lp = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                   use_cache=False).logits
+        lp = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
         lb = model(**{k: v for k, v in alone.items() if k != "labels"}, use_cache=False).logits
         leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
     torch.testing.assert_close(lp[0, 4:7], lb[0, :3], rtol=1e-5, atol=1e-5)
@@ -262,8 +337,15 @@ def test_builtin_conversion_leaves_the_global_rng_alone(tmp_path, monkeypatch):
 
 
 def test_packed_training_runs_and_counts_the_same_targets(tmp_path):
-    config = smoke(tmp_path, "data.packing=true", "data.max_length=256", "train.max_steps=2",
-                   "train.save_every=0", "train.eval_every=0", "log.plot=false")
+    config = smoke(
+        tmp_path,
+        "data.packing=true",
+        "data.max_length=256",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "log.plot=false",
+    )
     result = T.train(config)
     s = result["setup"]
     assert all(ex.lengths for ex in s.train_examples)  # rows hold several examples
@@ -277,7 +359,7 @@ def test_packed_training_runs_and_counts_the_same_targets(tmp_path):
     for ex in s.train_examples[:2]:
         start = 0
         for length in ex.lengths:
-            expected += sum(ex.targets[start + 1:start + length])
+            expected += sum(ex.targets[start + 1 : start + length])
             start += length
     assert int((packed["labels"] != -100).sum()) == expected
 
@@ -303,8 +385,15 @@ print("rank 0 was not stopped")
 def test_a_hanging_rank_stops_the_others_after_the_collective_timeout(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANGING_RANK)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), str(script), "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        str(script),
+        "3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
     assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     waited = int(proc.stdout.split("after ")[1].split(" s")[0])
@@ -335,12 +424,25 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
 # FSDP for real: two CPU processes, accelerate's FSDP2 preparation (tests/fsdp_cpu.py)
 # --------------------------------------------------------------------------------------------
 def launch(script: Path, out: Path, *overrides: str, env: dict | None = None):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), str(script),
-           "--config", str(SMOKE), f"output_dir={out}", "train.batch_size=2",
-           "train.save_every=2", "train.keep_checkpoints=3", "log.trackers=[]", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})},
-                          cwd=ROOT, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        str(script),
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        "train.batch_size=2",
+        "train.save_every=2",
+        "train.keep_checkpoints=3",
+        "log.trackers=[]",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=ROOT, timeout=900
+    )
 
 
 @pytest.mark.slow

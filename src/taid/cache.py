@@ -106,13 +106,17 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        parts: dict[str, Any] = {k: spec.get(k) for k in (
-            "model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")}
+        parts: dict[str, Any] = {
+            k: spec.get(k)
+            for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")
+        }
     else:
         parts = {"vocab": sorted(tokenizer.get_vocab().items())}
     parts["chat_template"] = getattr(tokenizer, "chat_template", None)
-    parts["special"] = {k: getattr(tokenizer, k, None) for k in (
-        "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    parts["special"] = {
+        k: getattr(tokenizer, k, None)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    }
     parts["length"] = len(tokenizer)
     return _sha256([json.dumps(parts, sort_keys=True, default=str).encode()])
 
@@ -131,15 +135,19 @@ def dataset_hash(examples: Sequence[D.Example]) -> str:
     """SHA-256 of the tokenized examples (ids and target masks, in order)."""
     parts: list[bytes] = []
     for ex in examples:
-        parts += [array("i", [len(ex.input_ids)]).tobytes(), array("i", ex.input_ids).tobytes(),
-                  bytes(ex.targets)]
+        parts += [
+            array("i", [len(ex.input_ids)]).tobytes(),
+            array("i", ex.input_ids).tobytes(),
+            bytes(ex.targets),
+        ]
     return _sha256(parts)
 
 
 def target_rows(example: D.Example) -> int:
     """How many cache rows an example has: its positions with a (shifted) label."""
-    return sum(1 for lab in D.shift_labels(example.input_ids, example.targets)
-               if lab != D.IGNORE_INDEX)
+    return sum(
+        1 for lab in D.shift_labels(example.input_ids, example.targets) if lab != D.IGNORE_INDEX
+    )
 
 
 def teacher_id(config: Config) -> str:
@@ -156,8 +164,12 @@ def resolved_dtype(config: Config) -> str:
     return DEFAULT_DTYPES[c.mode] if c.dtype == "auto" else c.dtype
 
 
-def identity(config: Config, tokenizer: PreTrainedTokenizerBase,
-             examples: Sequence[D.Example], vocab_size: int) -> dict[str, Any]:
+def identity(
+    config: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[D.Example],
+    vocab_size: int,
+) -> dict[str, Any]:
     """The manifest fields that must agree between a cache and a run reading it (plus the
     informational ``data_path``)."""
     d = config.data
@@ -167,13 +179,27 @@ def identity(config: Config, tokenizer: PreTrainedTokenizerBase,
         "k": config.cache.k if config.cache.mode == "topk" else None,
         "dtype": resolved_dtype(config),
         "vocab_size": vocab_size,
-        "teacher": teacher_id(config) if (config.teacher.name_or_path
-                                          or config.teacher.architecture) else None,
+        "teacher": teacher_id(config)
+        if (config.teacher.name_or_path or config.teacher.architecture)
+        else None,
         "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "tokenization": {k: getattr(d, k) for k in (
-            "name", "split", "eval_split", "format", "text_field", "prompt_field",
-            "response_field", "messages_field", "loss_on", "max_length", "truncation",
-            "max_examples")},
+        "tokenization": {
+            k: getattr(d, k)
+            for k in (
+                "name",
+                "split",
+                "eval_split",
+                "format",
+                "text_field",
+                "prompt_field",
+                "response_field",
+                "messages_field",
+                "loss_on",
+                "max_length",
+                "truncation",
+                "max_examples",
+            )
+        },
         "dataset_sha256": dataset_hash(examples),
         "num_examples": len(examples),
         "data_path": d.path,
@@ -194,8 +220,7 @@ _HINTS = {
 }
 
 
-def first_difference(cached: dict[str, Any], run: dict[str, Any]
-                     ) -> tuple[str, Any, Any] | None:
+def first_difference(cached: dict[str, Any], run: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first field of ``run`` that differs from ``cached`` as ``(dotted name, cached
     value, run value)``; fields set to ``None`` in ``run`` and informational fields are not
     compared."""
@@ -210,17 +235,26 @@ def compare(cached: dict[str, Any], run: dict[str, Any], where: str) -> None:
     if diff is not None:
         name, have, want = diff
         hint = _HINTS.get(name.split(".")[0], "match it")
-        raise CacheError(f"teacher cache {where}: {name} differs (cache: {have!r}, this run: "
-                         f"{want!r}); {hint}, or rewrite the cache with this config "
-                         f"(taid-cache-teacher)")
+        raise CacheError(
+            f"teacher cache {where}: {name} differs (cache: {have!r}, this run: "
+            f"{want!r}); {hint}, or rewrite the cache with this config "
+            f"(taid-cache-teacher)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Computing the stored rows
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def teacher_rows(teacher: torch.nn.Module, batch: dict[str, Tensor], mode: str, *,
-                 vocab_size: int, k: int, dtype: torch.dtype) -> dict[str, Tensor]:
+def teacher_rows(
+    teacher: torch.nn.Module,
+    batch: dict[str, Tensor],
+    mode: str,
+    *,
+    vocab_size: int,
+    k: int,
+    dtype: torch.dtype,
+) -> dict[str, Tensor]:
     """The stored rows of one collated batch, one per target token in flattened order."""
     inputs = {key: v for key, v in batch.items() if key not in ("labels", "example_ids")}
     valid = (batch["labels"] != D.IGNORE_INDEX).reshape(-1)
@@ -229,8 +263,10 @@ def teacher_rows(teacher: torch.nn.Module, batch: dict[str, Tensor], mode: str, 
         fused = True
     except ValueError as e:
         if mode == "hidden":
-            raise CacheError(f"cache.mode=hidden needs a plain linear output layer: {e}; use "
-                             f"cache.mode=topk or full") from None
+            raise CacheError(
+                f"cache.mode=hidden needs a plain linear output layer: {e}; use "
+                f"cache.mode=topk or full"
+            ) from None
         fused = False
     try:
         everything = S.from_model(teacher, inputs, fused=fused)
@@ -294,8 +330,10 @@ def _check_finite(x: Tensor, batch: dict[str, Tensor]) -> None:
     if not torch.isfinite(x).all():
         ids = batch.get("example_ids")
         which = f" (examples {ids.tolist()})" if ids is not None else ""
-        raise FloatingPointError(f"the teacher's outputs contain NaN or inf{which}; check "
-                                 f"teacher.dtype (float16 overflows in some models)")
+        raise FloatingPointError(
+            f"the teacher's outputs contain NaN or inf{which}; check "
+            f"teacher.dtype (float16 overflows in some models)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +433,7 @@ class _Writer:
 
     def shard_examples(self, j: int) -> list[D.Example]:
         first, count = self.shard_range(j)
-        return self.examples[first:first + count]
+        return self.examples[first : first + count]
 
     def stamp(self, j: int) -> dict[str, Any]:
         first, count = self.shard_range(j)
@@ -413,8 +451,12 @@ def write_cache(config: Config, *, progress: bool | None = None) -> Path:
     """
     w = _start_writer(config)
     _prepare_directory(w)
-    todo = [j for j in range(w.num_shards) if j % w.acc.num_processes == w.acc.process_index
-            and not _intact(w.root / _shard_name(j), w.stamp(j))]
+    todo = [
+        j
+        for j in range(w.num_shards)
+        if j % w.acc.num_processes == w.acc.process_index
+        and not _intact(w.root / _shard_name(j), w.stamp(j))
+    ]
     _write_shards(w, todo, config.log.progress if progress is None else progress)
     w.acc.wait_for_everyone()
     if w.acc.is_main_process:
@@ -430,8 +472,9 @@ def _start_writer(config: Config) -> _Writer:
     if not config.teacher.cache_dir:
         raise ConfigError("teacher.cache_dir is required: where to write the cache")
     if not (config.teacher.name_or_path or config.teacher.architecture):
-        raise ConfigError("teacher.name_or_path (or teacher.architecture) is required to "
-                          "write a teacher cache")
+        raise ConfigError(
+            "teacher.name_or_path (or teacher.architecture) is required to write a teacher cache"
+        )
     acc = M.make_accelerator(config.train.collective_timeout_s)
     set_seed(config.seed)  # a teacher built from an architecture gets the trainer's weights
     tokenizer = M.run_tokenizer(config)
@@ -444,8 +487,17 @@ def _start_writer(config: Config) -> _Writer:
     ident = identity(config, tokenizer, examples, vocab)
     ident["teacher_weights_sha256"] = weights_hash(teacher)
     ident["num_target_tokens"] = sum(target_rows(ex) for ex in examples)
-    return _Writer(config, acc, Path(config.teacher.cache_dir), tokenizer, examples, teacher,
-                   vocab, ident, _identity_key(ident))
+    return _Writer(
+        config,
+        acc,
+        Path(config.teacher.cache_dir),
+        tokenizer,
+        examples,
+        teacher,
+        vocab,
+        ident,
+        _identity_key(ident),
+    )
 
 
 def _prepare_directory(w: _Writer) -> None:
@@ -458,17 +510,24 @@ def _prepare_directory(w: _Writer) -> None:
         try:
             old = json.loads(manifest_path.read_text())
             diff = first_difference(old, w.ident)
-            if diff is None and old.get("teacher_weights_sha256") != \
-                    w.ident["teacher_weights_sha256"]:
-                diff = ("teacher_weights_sha256", old.get("teacher_weights_sha256"),
-                        w.ident["teacher_weights_sha256"])
+            if (
+                diff is None
+                and old.get("teacher_weights_sha256") != w.ident["teacher_weights_sha256"]
+            ):
+                diff = (
+                    "teacher_weights_sha256",
+                    old.get("teacher_weights_sha256"),
+                    w.ident["teacher_weights_sha256"],
+                )
         except json.JSONDecodeError:
             diff = ("manifest.json", "unreadable", "a new cache")
     if diff is not None and not w.config.cache.overwrite:
         name, have, want = diff
-        raise CacheError(f"{w.root} holds a teacher cache written with other settings "
-                         f"({name} differs: cache {have!r}, now {want!r}); choose another "
-                         f"teacher.cache_dir or set cache.overwrite=true")
+        raise CacheError(
+            f"{w.root} holds a teacher cache written with other settings "
+            f"({name} differs: cache {have!r}, now {want!r}); choose another "
+            f"teacher.cache_dir or set cache.overwrite=true"
+        )
     w.acc.wait_for_everyone()
     if w.acc.is_main_process:
         if diff is not None:
@@ -490,8 +549,13 @@ def _write_shards(w: _Writer, todo: list[int], show_progress: bool) -> None:
         from tqdm.auto import tqdm
 
         total = sum(len(ex.input_ids) for j in todo for ex in w.shard_examples(j))
-        bar = tqdm(total=total * w.acc.num_processes, unit="tok", unit_scale=True,
-                   desc=f"cache {w.mode}", dynamic_ncols=True)
+        bar = tqdm(
+            total=total * w.acc.num_processes,
+            unit="tok",
+            unit_scale=True,
+            desc=f"cache {w.mode}",
+            dynamic_ncols=True,
+        )
     for j in todo:
         per_example = _shard_rows(w, w.shard_examples(j), bar)
         counts = [rows[STORED[w.mode][0]].shape[0] for rows in per_example]
@@ -511,11 +575,16 @@ def _shard_rows(w: _Writer, shard: list[D.Example], bar: Any) -> list[dict[str, 
     order = sorted(range(len(shard)), key=lambda i: -len(shard[i].input_ids))
     per_example: list[dict[str, Tensor]] = [{} for _ in shard]
     for b in range(0, len(shard), batch_size):
-        chosen = order[b:b + batch_size]
-        batch = {k: v.to(w.acc.device) for k, v in D.collate(
-            [shard[i] for i in chosen], w.tokenizer.pad_token_id, packed=False).items()}
-        rows = teacher_rows(w.teacher, batch, w.mode, vocab_size=w.vocab, k=w.config.cache.k,
-                            dtype=dtype)
+        chosen = order[b : b + batch_size]
+        batch = {
+            k: v.to(w.acc.device)
+            for k, v in D.collate(
+                [shard[i] for i in chosen], w.tokenizer.pad_token_id, packed=False
+            ).items()
+        }
+        rows = teacher_rows(
+            w.teacher, batch, w.mode, vocab_size=w.vocab, k=w.config.cache.k, dtype=dtype
+        )
         counts = (batch["labels"] != D.IGNORE_INDEX).sum(1).tolist()
         for name, value in rows.items():
             for i, part in zip(chosen, value.cpu().split(counts)):
@@ -531,16 +600,31 @@ def _write_manifest(w: _Writer) -> None:
     for j in range(w.num_shards):
         path = w.root / _shard_name(j)
         offsets = _read_tensor(path, "offsets")
-        shards.append({"file": path.name, "first_example": w.shard_range(j)[0],
-                       "num_examples": offsets.numel() - 1,
-                       "num_rows": int(offsets[-1]), "bytes": path.stat().st_size,
-                       "sha256": CK.file_sha256(path)})
-    manifest = {**w.ident, "identity": w.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "examples_per_shard": w.per_shard, "id_bytes": id_bytes(w.vocab),
-                "hidden_size": w.teacher.config.hidden_size, "shards": shards}
+        shards.append(
+            {
+                "file": path.name,
+                "first_example": w.shard_range(j)[0],
+                "num_examples": offsets.numel() - 1,
+                "num_rows": int(offsets[-1]),
+                "bytes": path.stat().st_size,
+                "sha256": CK.file_sha256(path),
+            }
+        )
+    manifest = {
+        **w.ident,
+        "identity": w.key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "examples_per_shard": w.per_shard,
+        "id_bytes": id_bytes(w.vocab),
+        "hidden_size": w.teacher.config.hidden_size,
+        "shards": shards,
+    }
     if w.mode == "hidden":
-        manifest["head"] = {"file": HEAD, "bytes": (w.root / HEAD).stat().st_size,
-                            "sha256": CK.file_sha256(w.root / HEAD)}
+        manifest["head"] = {
+            "file": HEAD,
+            "bytes": (w.root / HEAD).stat().st_size,
+            "sha256": CK.file_sha256(w.root / HEAD),
+        }
     _atomic_write_text(w.root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -572,28 +656,36 @@ class TeacherCache:
         self.root = Path(path)
         manifest = self.root / MANIFEST
         if not manifest.is_file():
-            raise CacheError(f"{self.root}: no teacher cache here ({MANIFEST} is missing); "
-                             f"write one with taid-cache-teacher --config ...")
+            raise CacheError(
+                f"{self.root}: no teacher cache here ({MANIFEST} is missing); "
+                f"write one with taid-cache-teacher --config ..."
+            )
         try:
             self.manifest: dict[str, Any] = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:
             raise CacheError(f"{manifest} is corrupt ({e}); rewrite the cache") from None
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{manifest}: format version {self.manifest.get('format_version')}"
-                             f" is not {FORMAT_VERSION}; rewrite the cache with this taid")
+            raise CacheError(
+                f"{manifest}: format version {self.manifest.get('format_version')}"
+                f" is not {FORMAT_VERSION}; rewrite the cache with this taid"
+            )
         self.verify = verify
         self.shards = self.manifest["shards"]
         files = list(self.shards) + ([self.manifest["head"]] if "head" in self.manifest else [])
         for entry in files:
             path_j = self.root / entry["file"]
             if not path_j.is_file():
-                raise CacheError(f"teacher cache {self.root}: {entry['file']} is missing; rerun "
-                                 f"taid-cache-teacher with the same config to write it again")
+                raise CacheError(
+                    f"teacher cache {self.root}: {entry['file']} is missing; rerun "
+                    f"taid-cache-teacher with the same config to write it again"
+                )
             size = path_j.stat().st_size
             if size != entry["bytes"]:
-                raise CacheError(f"teacher cache {self.root}: {entry['file']} has {size} bytes, "
-                                 f"the manifest says {entry['bytes']} (truncated or replaced); "
-                                 f"delete it and rerun taid-cache-teacher to write it again")
+                raise CacheError(
+                    f"teacher cache {self.root}: {entry['file']} has {size} bytes, "
+                    f"the manifest says {entry['bytes']} (truncated or replaced); "
+                    f"delete it and rerun taid-cache-teacher to write it again"
+                )
         self._starts = [s["first_example"] for s in self.shards]
         self._open: dict[int, tuple[Any, list[int]]] = {}
         self._head: dict[str, Tensor] | None = None
@@ -619,19 +711,25 @@ class TeacherCache:
         """Raise :class:`CacheError` naming the first field of ``run`` (see :func:`identity`)
         that differs from the manifest, and the teacher's weights when their hash is given."""
         compare(self.manifest, run, str(self.root))
-        if teacher_weights_sha256 is not None and \
-                teacher_weights_sha256 != self.manifest["teacher_weights_sha256"]:
-            raise CacheError(f"teacher cache {self.root}: teacher_weights_sha256 differs (cache: "
-                             f"{self.manifest['teacher_weights_sha256'][:12]}..., this run's "
-                             f"teacher: {teacher_weights_sha256[:12]}...); the teacher's weights "
-                             f"changed: rewrite the cache")
+        if (
+            teacher_weights_sha256 is not None
+            and teacher_weights_sha256 != self.manifest["teacher_weights_sha256"]
+        ):
+            raise CacheError(
+                f"teacher cache {self.root}: teacher_weights_sha256 differs (cache: "
+                f"{self.manifest['teacher_weights_sha256'][:12]}..., this run's "
+                f"teacher: {teacher_weights_sha256[:12]}...); the teacher's weights "
+                f"changed: rewrite the cache"
+            )
 
     def _verified(self, entry: dict[str, Any]) -> Path:
         path = self.root / entry["file"]
         if self.verify and CK.file_sha256(path) != entry["sha256"]:
-            raise CacheError(f"teacher cache {self.root}: {entry['file']} is corrupt (its SHA-256 "
-                             f"differs from the manifest's); delete it and rerun "
-                             f"taid-cache-teacher with the same config to write it again")
+            raise CacheError(
+                f"teacher cache {self.root}: {entry['file']} is corrupt (its SHA-256 "
+                f"differs from the manifest's); delete it and rerun "
+                f"taid-cache-teacher with the same config to write it again"
+            )
         return path
 
     def _shard(self, j: int) -> tuple[Any, list[int]]:
@@ -648,8 +746,10 @@ class TeacherCache:
         parts: dict[str, list[Tensor]] = {name: [] for name in STORED[self.mode]}
         for i in ids:
             if not 0 <= i < self.num_examples:
-                raise CacheError(f"example {i} is not in the teacher cache {self.root} "
-                                 f"({self.num_examples} examples)")
+                raise CacheError(
+                    f"example {i} is not in the teacher cache {self.root} "
+                    f"({self.num_examples} examples)"
+                )
             j = bisect.bisect_right(self._starts, i) - 1
             handle, offsets = self._shard(j)
             local = i - self._starts[j]
@@ -669,8 +769,13 @@ class TeacherCache:
             self._head = load_file(str(self._verified(self.manifest["head"])))
         return {k: v.to(device) for k, v in self._head.items()}
 
-    def source(self, example_ids: Sequence[int] | Tensor, labels: Tensor, *,
-               ignore_index: int = D.IGNORE_INDEX) -> S.TeacherSource:
+    def source(
+        self,
+        example_ids: Sequence[int] | Tensor,
+        labels: Tensor,
+        *,
+        ignore_index: int = D.IGNORE_INDEX,
+    ) -> S.TeacherSource:
         """The teacher for a batch: ``example_ids`` in the batch's row-major order and its
         ``labels`` (whose valid positions the rows correspond to), on ``labels``' device.
 
@@ -682,26 +787,31 @@ class TeacherCache:
         device = labels.device
         inner: S.TeacherSource
         if self.mode == "topk":
-            inner = S.TopKTeacher(rows["log_probs"].to(device), unpack_ids(rows["ids"].to(device)),
-                                  self.vocab_size)
+            inner = S.TopKTeacher(
+                rows["log_probs"].to(device), unpack_ids(rows["ids"].to(device)), self.vocab_size
+            )
         elif self.mode == "hidden":
             head = self.head(device)
-            inner = S.LinearTeacher(rows["hidden"].to(device, head["weight"].dtype),
-                                    head["weight"], head.get("bias"))
+            inner = S.LinearTeacher(
+                rows["hidden"].to(device, head["weight"].dtype), head["weight"], head.get("bias")
+            )
         else:
             inner = S.LogitsTeacher(rows["logits"].to(device))
         valid = (labels != ignore_index).reshape(-1)
         if inner.num_rows != int(valid.sum()):
             ids = example_ids.tolist() if isinstance(example_ids, Tensor) else list(example_ids)
-            raise CacheError(f"the teacher cache holds {inner.num_rows} target rows for examples "
-                             f"{ids[:8]}{'...' if len(ids) > 8 else ''} but the batch has "
-                             f"{int(valid.sum())} target tokens: the data or its tokenization "
-                             f"changed since the cache was written; rewrite it")
+            raise CacheError(
+                f"the teacher cache holds {inner.num_rows} target rows for examples "
+                f"{ids[:8]}{'...' if len(ids) > 8 else ''} but the batch has "
+                f"{int(valid.sum())} target tokens: the data or its tokenization "
+                f"changed since the cache was written; rewrite it"
+            )
         return S.ValidRowsTeacher(inner, valid)
 
 
-def teacher_cross_entropy(source: S.TeacherSource, labels: Tensor, width: int, *,
-                          ignore_index: int = D.IGNORE_INDEX) -> Tensor:
+def teacher_cross_entropy(
+    source: S.TeacherSource, labels: Tensor, width: int, *, ignore_index: int = D.IGNORE_INDEX
+) -> Tensor:
     """Summed ``-log p_T(label)`` over the valid positions of ``labels`` (float64 scalar),
     chunk by chunk from any teacher source."""
     flat = labels.reshape(-1)
@@ -709,7 +819,7 @@ def teacher_cross_entropy(source: S.TeacherSource, labels: Tensor, width: int, *
     total = torch.zeros((), dtype=torch.float64, device=labels.device)
     chunk = C.default_chunk_size(max(idx.numel(), 1), width, labels.device)
     for start in range(0, idx.numel(), chunk):
-        rows = idx[start:start + chunk]
+        rows = idx[start : start + chunk]
         logp = torch.log_softmax(source.rows(rows, width), -1)
         total -= logp.gather(1, flat.index_select(0, rows).unsqueeze(1)).double().sum()
     return total

@@ -68,8 +68,12 @@ def _tensor_key(t: Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride())
 
 
-def _encode(obj: Any, tensors: dict[str, Tensor], path: str,
-            seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str]) -> Any:
+def _encode(
+    obj: Any,
+    tensors: dict[str, Tensor],
+    path: str,
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str],
+) -> Any:
     if isinstance(obj, Tensor):
         t = obj.detach()
         ident = _tensor_key(t) if t.numel() else None
@@ -94,8 +98,10 @@ def _encode(obj: Any, tensors: dict[str, Tensor], path: str,
                 raise TypeError(f"cannot store a dict key of type {type(k).__name__} at {path}")
             items.append([k, _encode(v, tensors, f"{path}.{k}", seen)])
         return {"__items__": items}
-    raise TypeError(f"cannot store a {type(obj).__name__} at {path} in a checkpoint "
-                    f"(only tensors, numbers, strings, lists, tuples and dicts)")
+    raise TypeError(
+        f"cannot store a {type(obj).__name__} at {path} in a checkpoint "
+        f"(only tensors, numbers, strings, lists, tuples and dicts)"
+    )
 
 
 def decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
@@ -143,8 +149,13 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
 
         kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-        state["numpy"] = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
-                          int(has_gauss), float(gauss)]
+        state["numpy"] = [
+            kind,
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ]
     except ImportError:
         pass
     return state
@@ -179,15 +190,18 @@ def file_sha256(path: Path) -> str:
 def step_of(path: Path) -> int | None:
     """The step in a checkpoint directory's name, or None if it is not one."""
     name = path.name
-    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
+    if not name.startswith(PREFIX) or not name[len(PREFIX) :].isdigit():
         return None
-    return int(name[len(PREFIX):])
+    return int(name[len(PREFIX) :])
 
 
 def write_manifest(directory: Path, step: int, extra: Mapping[str, Any] | None = None) -> None:
     """Record every file's size and hash in ``checkpoint.json``; written last (atomically)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     manifest = {"format": FORMAT, "step": step, "files": files, **(extra or {})}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -207,23 +221,29 @@ def verify(directory: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{directory} was written by taid 0.1 in accelerate's pickled format, which "
                 f"this version never loads (a pickle can run code); start the run again with "
-                f"overwrite=true, or resume it with taid 0.1")
-        raise CheckpointError(f"{directory} is incomplete (no {MANIFEST}): the save was "
-                              f"interrupted")
+                f"overwrite=true, or resume it with taid 0.1"
+            )
+        raise CheckpointError(
+            f"{directory} is incomplete (no {MANIFEST}): the save was interrupted"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{directory}: checkpoint format {manifest.get('format')!r}, "
-                              f"this version reads format {FORMAT}")
+        raise CheckpointError(
+            f"{directory}: checkpoint format {manifest.get('format')!r}, "
+            f"this version reads format {FORMAT}"
+        )
     for name, entry in manifest["files"].items():
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{path} is corrupt: its size or SHA-256 differs from the "
-                                  f"one recorded when it was written")
+            raise CheckpointError(
+                f"{path} is corrupt: its size or SHA-256 differs from the "
+                f"one recorded when it was written"
+            )
     return manifest
 
 
@@ -236,8 +256,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories in ``root`` with a manifest, oldest step first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None
-             and is_complete(p)]
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and is_complete(p)]
     return sorted(found, key=lambda p: step_of(p) or 0)
 
 
@@ -248,7 +267,7 @@ def recover(root: Path) -> None:
     if not root.is_dir():
         return
     for aside in root.glob(".old-*"):
-        final = root / aside.name[len(".old-"):]
+        final = root / aside.name[len(".old-") :]
         try:
             if final.exists():
                 shutil.rmtree(aside, ignore_errors=True)
@@ -280,7 +299,7 @@ def prune(root: Path, newest: Path, keep: int) -> list[Path]:
     step = step_of(newest)
     assert step is not None
     older = [p for p in list_checkpoints(root) if (step_of(p) or 0) < step]
-    doomed = older[:max(len(older) - (keep - 1), 0)]
+    doomed = older[: max(len(older) - (keep - 1), 0)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -304,8 +323,9 @@ def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return tensors, aliases
 
 
-def full_state_dicts(model: torch.nn.Module, optimizer: Any = None
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's (and optimizer's) full, unsharded state dicts on the main process (empty
     elsewhere under FSDP), on CPU; a collective under FSDP, so every process calls it.
 
@@ -324,8 +344,9 @@ def full_state_dicts(model: torch.nn.Module, optimizer: Any = None
     if optimizer is None:
         model_state = dict(get_model_state_dict(model, options=options))
     else:
-        model_state, optim_state = (dict(x) for x in get_state_dict(model, optimizer,
-                                                                     options=options))
+        model_state, optim_state = (
+            dict(x) for x in get_state_dict(model, optimizer, options=options)
+        )
     names: dict[int, list[str]] = {}
     for name, param in _unwrapped(model).named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
@@ -343,9 +364,19 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save(acc: Any, root: Path, step: int, *, model: torch.nn.Module, optimizer: Any,
-         scheduler: Any, loss: torch.nn.Module, train_state: Mapping[str, Any],
-         run: Mapping[str, Any], keep: int) -> Path:
+def save(
+    acc: Any,
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    loss: torch.nn.Module,
+    train_state: Mapping[str, Any],
+    run: Mapping[str, Any],
+    keep: int,
+) -> Path:
     """Write ``root/step-NNNNNNNN`` (see the module docstring); every process calls it.
 
     The model and optimizer are gathered to full, unsharded state dicts on the main process
@@ -366,10 +397,18 @@ def save(acc: Any, root: Path, step: int, *, model: torch.nn.Module, optimizer: 
         tensors, aliases = _split_aliases(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         scaler = getattr(acc, "scaler", None)
-        save_tree({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                   "loss": loss.state_dict(), "train": dict(train_state),
-                   "scaler": scaler.state_dict() if scaler is not None else None,
-                   "model_aliases": aliases}, tmp, "state")
+        save_tree(
+            {
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "loss": loss.state_dict(),
+                "train": dict(train_state),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "model_aliases": aliases,
+            },
+            tmp,
+            "state",
+        )
     save_tree(rng_state(), tmp, f"rng-rank{acc.process_index}")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -391,8 +430,15 @@ def manifest_of(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{verify_path} is not valid JSON ({e})") from None
 
 
-def load(acc: Any, directory: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-         loss: torch.nn.Module) -> dict[str, Any]:
+def load(
+    acc: Any,
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    loss: torch.nn.Module,
+) -> dict[str, Any]:
     """Restore what :func:`save` wrote into the given objects (every process calls it, after
     ``accelerator.prepare``); returns the train state. Every file is checked against its
     recorded SHA-256 before anything is restored.
@@ -408,9 +454,13 @@ def load(acc: Any, directory: Path, *, model: torch.nn.Module, optimizer: Any, s
     state = load_tree(directory, "state")
     for alias, stored in state["model_aliases"].items():
         model_state[alias] = model_state[stored]
-    set_state_dict(model, optimizer, model_state_dict=model_state,  # type: ignore[arg-type]
-                   optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,  # type: ignore[arg-type]
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     scheduler.load_state_dict(state["scheduler"])
     loss.load_state_dict(state["loss"])
     scaler = getattr(acc, "scaler", None)

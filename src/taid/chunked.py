@@ -47,8 +47,9 @@ _GPU_CHUNKS_TARGET = 32
 FUSED_MIN_ROWS = 128
 
 
-def default_chunk_size(num_rows: int, width: int, device: torch.device | str = "cpu",
-                       min_rows: int = 1) -> int:
+def default_chunk_size(
+    num_rows: int, width: int, device: torch.device | str = "cpu", min_rows: int = 1
+) -> int:
     """Rows per chunk for ``num_rows`` tokens over a ``width``-word vocabulary on ``device``,
     at least ``min_rows`` (and at most ``num_rows``)."""
     elements: float
@@ -93,9 +94,18 @@ def _count(rows: Rows) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
-def run_chunks(idx: Tensor, n_rows: int, chunk_size: int, student_rows: Any,
-               teacher: TeacherSource | None, labels: Tensor | None, objective: Objective,
-               width: int, grad_scale: float, consume_grad: Any) -> ChunkStats:
+def run_chunks(
+    idx: Tensor,
+    n_rows: int,
+    chunk_size: int,
+    student_rows: Any,
+    teacher: TeacherSource | None,
+    labels: Tensor | None,
+    objective: Objective,
+    width: int,
+    grad_scale: float,
+    consume_grad: Any,
+) -> ChunkStats:
     """Walk the valid rows ``idx`` (of ``n_rows``) in chunks; hand each chunk's gradient, times
     ``grad_scale``, to ``consume_grad(rows, grad, grad_scale)`` and return the per-token
     values."""
@@ -110,8 +120,15 @@ def run_chunks(idx: Tensor, n_rows: int, chunk_size: int, student_rows: Any,
         s = student_rows(rows)
         z = teacher.rows(rows, width) if teacher is not None and distill is not None else None
         lab = labels[start:end] if labels is not None else None
-        out = D.mixed(s, z, lab, divergence=objective.divergence, params=objective.params,
-                      distill_weight=w, need_grad=True)
+        out = D.mixed(
+            s,
+            z,
+            lab,
+            divergence=objective.divergence,
+            params=objective.params,
+            distill_weight=w,
+            need_grad=True,
+        )
         loss[start:end] = out.loss
         if distill is not None and out.distill is not None:
             distill[start:end] = out.distill
@@ -122,12 +139,17 @@ def run_chunks(idx: Tensor, n_rows: int, chunk_size: int, student_rows: Any,
     # One check (one device sync) per call; the explanation is recomputed only on failure.
     if n and bool(loss.max() > D.INFINITE_LOSS):
         first = int((loss > D.INFINITE_LOSS).nonzero()[0])
-        row = idx[first:first + 1]
-        raise ValueError(explain_infinite(
-            student_rows(row)[0],
-            teacher.rows(row, width)[0] if teacher is not None and distill is not None else None,
-            int(labels[first]) if labels is not None and ce is not None else None,
-            objective.divergence))
+        row = idx[first : first + 1]
+        raise ValueError(
+            explain_infinite(
+                student_rows(row)[0],
+                teacher.rows(row, width)[0]
+                if teacher is not None and distill is not None
+                else None,
+                int(labels[first]) if labels is not None and ce is not None else None,
+                objective.divergence,
+            )
+        )
     return ChunkStats(loss, distill, ce)
 
 
@@ -159,8 +181,9 @@ def _scale_(grads: list[Tensor | None], grad_output: Tensor, per_row: bool) -> N
             g.mul_(grad_output.to(g.dtype))
 
 
-def _finish_forward(ctx: Any, stats: ChunkStats, idx: Tensor, n_rows: int,
-                    reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+def _finish_forward(
+    ctx: Any, stats: ChunkStats, idx: Tensor, n_rows: int, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """The Functions' outputs: the reduced loss, and the per-token parts without gradient."""
     ctx.used = False
     empty = stats.loss.new_zeros(0)
@@ -173,16 +196,26 @@ def _finish_forward(ctx: Any, stats: ChunkStats, idx: Tensor, n_rows: int,
 def _backward_once(ctx: Any) -> None:
     """The stored gradients are scaled in place: a second backward would be wrong."""
     if ctx.used:
-        raise RuntimeError("the chunked loss can be backpropagated once; use "
-                           "implementation='eager' for double backward or retain_graph")
+        raise RuntimeError(
+            "the chunked loss can be backpropagated once; use "
+            "implementation='eager' for double backward or retain_graph"
+        )
     ctx.used = True
 
 
 class _ChunkedLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, student: Tensor, idx: Tensor, teacher: TeacherSource | None,
-                labels: Tensor | None, objective: Objective, width: int, chunk_size: int,
-                reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        idx: Tensor,
+        teacher: TeacherSource | None,
+        labels: Tensor | None,
+        objective: Objective,
+        width: int,
+        chunk_size: int,
+        reduction: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n_rows = student.shape[0]
         grad = _empty_grad(student, idx, width)
         view = grad[:, :width]
@@ -197,8 +230,9 @@ class _ChunkedLogits(torch.autograd.Function):
             else:
                 _write_rows(view, rows, g.mul_(scale) if scale != 1.0 else g)
 
-        stats = run_chunks(idx, n_rows, chunk_size, student_rows, teacher, labels, objective,
-                           width, scale, consume)
+        stats = run_chunks(
+            idx, n_rows, chunk_size, student_rows, teacher, labels, objective, width, scale, consume
+        )
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
         return _finish_forward(ctx, stats, idx, n_rows, reduction)
@@ -213,16 +247,29 @@ class _ChunkedLogits(torch.autograd.Function):
 
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor,
-                teacher: TeacherSource | None, labels: Tensor | None, objective: Objective,
-                width: int, chunk_size: int, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        idx: Tensor,
+        teacher: TeacherSource | None,
+        labels: Tensor | None,
+        objective: Objective,
+        width: int,
+        chunk_size: int,
+        reduction: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         w_rows = weight[:width]
         b_rows = None if bias is None else bias[:width]
         grad_h = _empty_grad(hidden, idx, hidden.shape[1])
         # accumulated over chunks: keep float32 whatever the weight dtype
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32,
-                                                       device=bias.device)
+        grad_b = (
+            None
+            if bias is None
+            else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        )
         scale = 1.0 / max(idx.numel(), 1) if reduction == "mean" else 1.0
         chunk_hidden: dict[str, Tensor] = {}
 
@@ -244,8 +291,18 @@ class _FusedLinear(torch.autograd.Function):
             if grad_b is not None:
                 grad_b[:width].add_(g.sum(0, dtype=torch.float32))
 
-        stats = run_chunks(idx, hidden.shape[0], chunk_size, student_rows, teacher, labels,
-                           objective, width, scale, consume)
+        stats = run_chunks(
+            idx,
+            hidden.shape[0],
+            chunk_size,
+            student_rows,
+            teacher,
+            labels,
+            objective,
+            width,
+            scale,
+            consume,
+        )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -271,9 +328,17 @@ def reduce_rows(per_token: Tensor, idx: Tensor, n_rows: int, reduction: str) -> 
     return per_token.new_zeros(n_rows).index_copy_(0, idx, per_token)
 
 
-def chunked_logits_loss(student: Tensor, idx: Tensor, teacher: TeacherSource | None,
-                        labels: Tensor | None, objective: Objective, *, width: int,
-                        chunk_size: int | None, reduction: str) -> tuple[Tensor, ChunkStats]:
+def chunked_logits_loss(
+    student: Tensor,
+    idx: Tensor,
+    teacher: TeacherSource | None,
+    labels: Tensor | None,
+    objective: Objective,
+    *,
+    width: int,
+    chunk_size: int | None,
+    reduction: str,
+) -> tuple[Tensor, ChunkStats]:
     """Chunked loss on ``[N, V_s]`` student logits over the valid rows ``idx``.
 
     Args:
@@ -290,30 +355,45 @@ def chunked_logits_loss(student: Tensor, idx: Tensor, teacher: TeacherSource | N
         The reduced, differentiable loss and the per-valid-token values (no gradient).
     """
     chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width, student.device)
-    out, distill, ce = _ChunkedLogits.apply(student, idx, teacher, labels, objective, width,
-                                            chunk_size, reduction)
+    out, distill, ce = _ChunkedLogits.apply(
+        student, idx, teacher, labels, objective, width, chunk_size, reduction
+    )
     return out, _stats(out, distill, ce, objective)
 
 
-def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor,
-                      teacher: TeacherSource | None, labels: Tensor | None, objective: Objective,
-                      *, width: int, chunk_size: int | None,
-                      reduction: str) -> tuple[Tensor, ChunkStats]:
+def fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    idx: Tensor,
+    teacher: TeacherSource | None,
+    labels: Tensor | None,
+    objective: Objective,
+    *,
+    width: int,
+    chunk_size: int | None,
+    reduction: str,
+) -> tuple[Tensor, ChunkStats]:
     """Chunked loss from student hidden states ``[N, H]`` and output layer ``weight [V_s, H]``
     (+ ``bias [V_s]``): ``logits = hidden @ weight.T + bias`` is formed one chunk at a time.
     Gradients flow to ``hidden``, ``weight`` and ``bias``. ``reduction`` is ``"mean"`` or
     ``"sum"``. Other arguments as :func:`chunked_logits_loss`.
     """
-    chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width, hidden.device,
-                                                  min_rows=FUSED_MIN_ROWS)
-    out, distill, ce = _FusedLinear.apply(hidden, weight, bias, idx, teacher, labels, objective,
-                                          width, chunk_size, reduction)
+    chunk_size = chunk_size or default_chunk_size(
+        max(idx.numel(), 1), width, hidden.device, min_rows=FUSED_MIN_ROWS
+    )
+    out, distill, ce = _FusedLinear.apply(
+        hidden, weight, bias, idx, teacher, labels, objective, width, chunk_size, reduction
+    )
     return out, _stats(out, distill, ce, objective)
 
 
 def _stats(out: Tensor, distill: Tensor, ce: Tensor, objective: Objective) -> ChunkStats:
-    return ChunkStats(out.detach(), distill if objective.divergence is not None else None,
-                      ce if objective.distill_weight < 1.0 else None)
+    return ChunkStats(
+        out.detach(),
+        distill if objective.divergence is not None else None,
+        ce if objective.distill_weight < 1.0 else None,
+    )
 
 
 __all__ = [

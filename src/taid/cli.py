@@ -9,13 +9,15 @@ import sys
 from taid.config import Config, ConfigError, load_config
 
 
-def _config_from_args(prog: str, description: str, example: str,
-                      argv: list[str] | None) -> Config | None:
+def _config_from_args(
+    prog: str, description: str, example: str, argv: list[str] | None
+) -> Config | None:
     """Parse ``--config PATH [dotted.key=value ...]``; a config error is printed (None)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help=f"dotted overrides, e.g. {example}")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}"
+    )
     args = parser.parse_args(argv)
     try:
         return load_config(args.config, args.overrides)
@@ -26,9 +28,12 @@ def _config_from_args(prog: str, description: str, example: str,
 
 def train_main(argv: list[str] | None = None) -> int:
     """``taid-train --config PATH [dotted.key=value ...]``."""
-    config = _config_from_args("taid-train", "Distil a teacher LM into a student with TAID or a "
-                               "baseline loss, from a YAML config.",
-                               "train.max_steps=20 loss.name=fkl", argv)
+    config = _config_from_args(
+        "taid-train",
+        "Distil a teacher LM into a student with TAID or a baseline loss, from a YAML config.",
+        "train.max_steps=20 loss.name=fkl",
+        argv,
+    )
     if config is None:
         return 2
     from taid.checkpoint import CheckpointError
@@ -51,10 +56,13 @@ def train_main(argv: list[str] | None = None) -> int:
 def cache_main(argv: list[str] | None = None) -> int:
     """``taid-cache-teacher --config PATH [dotted.key=value ...]``."""
     config = _config_from_args(
-        "taid-cache-teacher", "Run a config's teacher once over its data and write its outputs "
+        "taid-cache-teacher",
+        "Run a config's teacher once over its data and write its outputs "
         "(cache.mode: topk, hidden or full) to teacher.cache_dir, for runs with "
         "teacher.source=cache. Resumable; run under accelerate launch for several processes.",
-        "cache.mode=hidden teacher.cache_dir=PATH", argv)
+        "cache.mode=hidden teacher.cache_dir=PATH",
+        argv,
+    )
     if config is None:
         return 2
     from taid.cache import TeacherCache, write_cache
@@ -70,10 +78,13 @@ def cache_main(argv: list[str] | None = None) -> int:
         cache = TeacherCache(root, verify=False)
         m = cache.manifest
         rows = sum(s["num_rows"] for s in m["shards"])
-        print(f"teacher cache {root}: mode {m['mode']}"
-              + (f" k={m['k']}" if m["k"] else "") + f", {m['dtype']}, {m['num_examples']} "
-              f"examples, {rows} target tokens, {len(m['shards'])} shards, "
-              f"{cache.bytes_per_token():.0f} bytes per token")
+        print(
+            f"teacher cache {root}: mode {m['mode']}"
+            + (f" k={m['k']}" if m["k"] else "")
+            + f", {m['dtype']}, {m['num_examples']} "
+            f"examples, {rows} target tokens, {len(m['shards'])} shards, "
+            f"{cache.bytes_per_token():.0f} bytes per token"
+        )
     return 0
 
 

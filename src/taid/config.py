@@ -393,8 +393,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{p}{where}: not valid YAML ({problem}); fix that line, or "
-                              f"start from a shipped config in configs/") from None
+            raise ConfigError(
+                f"{p}{where}: not valid YAML ({problem}); fix that line, or "
+                f"start from a shipped config in configs/"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
     raw = apply_overrides(raw, overrides or [])
@@ -426,8 +428,9 @@ def validate(config: Config) -> None:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _positive("train.collective_timeout_s", t.collective_timeout_s)
     if not 0.0 <= config.data.max_dropped_fraction <= 1.0:
-        raise ConfigError(f"data.max_dropped_fraction must be in [0, 1], got "
-                          f"{config.data.max_dropped_fraction}")
+        raise ConfigError(
+            f"data.max_dropped_fraction must be in [0, 1], got {config.data.max_dropped_fraction}"
+        )
     _positive("train.log_every", t.log_every)
     _positive("train.max_grad_norm", t.max_grad_norm)
     _positive("data.max_length", config.data.max_length)
@@ -435,26 +438,36 @@ def validate(config: Config) -> None:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
-        raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be < train.max_steps "
-                          f"({t.max_steps})")
+        raise ConfigError(
+            f"train.warmup_steps ({t.warmup_steps}) must be < train.max_steps ({t.max_steps})"
+        )
     from transformers import SchedulerType
 
     valid_schedulers = [s.value for s in SchedulerType]
     if t.lr_scheduler not in valid_schedulers:
-        raise ConfigError(f"train.lr_scheduler {t.lr_scheduler!r} is not a transformers scheduler"
-                          + _closest(t.lr_scheduler, valid_schedulers))
+        raise ConfigError(
+            f"train.lr_scheduler {t.lr_scheduler!r} is not a transformers scheduler"
+            + _closest(t.lr_scheduler, valid_schedulers)
+        )
     if isinstance(config.resume, bool) and config.resume:
         raise ConfigError("resume must be 'auto', a checkpoint path, or false (got true)")
 
     loss = config.loss
     if loss.name not in LOSSES:
-        raise ConfigError(f"loss.name {loss.name!r} is not a registered loss"
-                          + _closest(loss.name, list(LOSSES)))
+        raise ConfigError(
+            f"loss.name {loss.name!r} is not a registered loss" + _closest(loss.name, list(LOSSES))
+        )
     accepted = loss_parameters(loss.name)
     # Set by the trainer: ignore_index is the value the data pipeline marks ignored labels with
     # (taid.data.IGNORE_INDEX), so the loss and the token count can never disagree.
-    reserved = {"total_steps", "scheduler", "implementation", "chunk_size", "reduction",
-                "ignore_index"}
+    reserved = {
+        "total_steps",
+        "scheduler",
+        "implementation",
+        "chunk_size",
+        "reduction",
+        "ignore_index",
+    }
     for key in loss.params:
         if key not in accepted or key in reserved:
             options = sorted(set(accepted) - reserved)
@@ -469,28 +482,39 @@ def validate(config: Config) -> None:
 
     s = config.student
     if s.init == "pretrained" and not s.name_or_path:
-        raise ConfigError("student.name_or_path is required with student.init: pretrained "
-                          "(or set student.init: architecture / teacher_layers)")
+        raise ConfigError(
+            "student.name_or_path is required with student.init: pretrained "
+            "(or set student.init: architecture / teacher_layers)"
+        )
     if s.init == "architecture" and not s.architecture:
         raise ConfigError("student.architecture is required with student.init: architecture")
     if s.init == "teacher_layers" and s.layers is None:
         raise ConfigError("student.layers is required with student.init: teacher_layers")
     if config.teacher.name_or_path and config.teacher.architecture:
-        raise ConfigError("teacher.name_or_path and teacher.architecture are both set: set "
-                          "name_or_path to load a teacher, or architecture to build a random one")
-    if not config.teacher.name_or_path and not config.teacher.architecture \
-            and loss.name != "sft" and config.teacher.source == "model":
-        raise ConfigError("teacher.name_or_path (or teacher.architecture) is required for "
-                          f"loss {loss.name!r}")
+        raise ConfigError(
+            "teacher.name_or_path and teacher.architecture are both set: set "
+            "name_or_path to load a teacher, or architecture to build a random one"
+        )
+    if (
+        not config.teacher.name_or_path
+        and not config.teacher.architecture
+        and loss.name != "sft"
+        and config.teacher.source == "model"
+    ):
+        raise ConfigError(
+            f"teacher.name_or_path (or teacher.architecture) is required for loss {loss.name!r}"
+        )
     if config.teacher.source == "cache" and not config.teacher.cache_dir:
-        raise ConfigError("teacher.source: cache needs teacher.cache_dir (the directory "
-                          "taid-cache-teacher wrote)")
+        raise ConfigError(
+            "teacher.source: cache needs teacher.cache_dir (the directory taid-cache-teacher wrote)"
+        )
     _positive("cache.k", config.cache.k)
     _positive("cache.examples_per_shard", config.cache.examples_per_shard)
     _positive("cache.batch_size", config.cache.batch_size)
     if not config.data.path:
-        raise ConfigError("data.path is required: a local .jsonl/.json/.parquet/.txt file or a "
-                          "hub dataset name")
+        raise ConfigError(
+            "data.path is required: a local .jsonl/.json/.parquet/.txt file or a hub dataset name"
+        )
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -535,8 +559,14 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
             default = f.default_factory()
         else:
             default = None
-        rows.append((key, _pretty_type(tp), yaml.safe_dump(default).strip().removesuffix("..."
-                     ).strip(), docs.get(f.name, "")))
+        rows.append(
+            (
+                key,
+                _pretty_type(tp),
+                yaml.safe_dump(default).strip().removesuffix("...").strip(),
+                docs.get(f.name, ""),
+            )
+        )
     return rows
 
 
@@ -558,9 +588,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         assert isinstance(class_def, ast.ClassDef)
         body = class_def.body
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
-                    and isinstance(nxt.value.value, str):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -576,11 +610,15 @@ def reference_markdown() -> str:
 
 if __name__ == "__main__":
     print("# Config reference\n")
-    print("Generated from `taid.config` with `python -m taid.config > docs/config.md`; a test "
-          "checks that it matches the code.\n")
-    print("Every key can be overridden on the command line: "
-          "`taid-train --config X.yaml train.max_steps=20 loss.name=fkl`. The loss's own "
-          "parameters sit beside `loss.name` (`loss.t_start`, `loss.alpha`, `loss.beta`, "
-          "`loss.mu`, `loss.distill_weight`, `loss.vocab_size`); see "
-          "`taid.loss_parameters(name)`.\n")
+    print(
+        "Generated from `taid.config` with `python -m taid.config > docs/config.md`; a test "
+        "checks that it matches the code.\n"
+    )
+    print(
+        "Every key can be overridden on the command line: "
+        "`taid-train --config X.yaml train.max_steps=20 loss.name=fkl`. The loss's own "
+        "parameters sit beside `loss.name` (`loss.t_start`, `loss.alpha`, `loss.beta`, "
+        "`loss.mu`, `loss.distill_weight`, `loss.vocab_size`); see "
+        "`taid.loss_parameters(name)`.\n"
+    )
     print(reference_markdown())

@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 logger = logging.getLogger("taid")
-_LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
-                  ".csv": "csv"}
+_LOCAL_LOADERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+}
 
 
 @dataclass
@@ -51,8 +56,11 @@ class Example:
 # Loading
 # --------------------------------------------------------------------------------------------
 def _is_local(path: str) -> bool:
-    return Path(path).suffix.lower() in _LOCAL_LOADERS or Path(path).exists() \
+    return (
+        Path(path).suffix.lower() in _LOCAL_LOADERS
+        or Path(path).exists()
         or path.startswith((".", "/", "~"))
+    )
 
 
 Rows = Iterable[tuple[str, dict[str, Any]]]
@@ -76,11 +84,15 @@ def load_rows(cfg: DataConfig, split: str) -> Rows:
         raise ConfigError(f"data.path: file {str(path)!r} does not exist")
     builder = _LOCAL_LOADERS.get(path.suffix.lower())
     if builder is None:
-        raise ConfigError(f"data.path: unsupported file type {path.suffix!r}; use one of "
-                          f"{', '.join(_LOCAL_LOADERS)}")
+        raise ConfigError(
+            f"data.path: unsupported file type {path.suffix!r}; use one of "
+            f"{', '.join(_LOCAL_LOADERS)}"
+        )
     if split != "train":
-        raise ConfigError(f"data.eval_split={split!r}: a local file has one split; use "
-                          f"data.eval_size to hold out examples")
+        raise ConfigError(
+            f"data.eval_split={split!r}: a local file has one split; use "
+            f"data.eval_size to hold out examples"
+        )
     data = path.read_bytes()
     if not data.strip():
         raise ConfigError(f"data.path {str(path)!r}: the file is empty")
@@ -92,12 +104,14 @@ def load_rows(cfg: DataConfig, split: str) -> Rows:
     import datasets
 
     try:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                     streaming=cfg.streaming)
+        rows = datasets.load_dataset(
+            builder, data_files=str(path), split="train", streaming=cfg.streaming
+        )
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's problem
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"data.path {str(path)!r}: could not be read as {builder} "
-                          f"({type(e).__name__}: {first})") from None
+        raise ConfigError(
+            f"data.path {str(path)!r}: could not be read as {builder} ({type(e).__name__}: {first})"
+        ) from None
     return ((f"{path} row {i}", row) for i, row in enumerate(rows, 1))
 
 
@@ -105,10 +119,12 @@ def _utf8(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                          f"column {column}); save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+            f"column {column}); save the file as UTF-8"
+        ) from None
 
 
 def _json_lines(path: Path, data: bytes) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -119,14 +135,20 @@ def _json_lines(path: Path, data: bytes) -> Iterator[tuple[str, dict[str, Any]]]
         try:
             row = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                              f"{e.start + 1}); save the file as UTF-8") from None
+            raise ConfigError(
+                f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                f"{e.start + 1}); save the file as UTF-8"
+            ) from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each "
-                              f"line must be one JSON object") from None
+            raise ConfigError(
+                f"{where}: not valid JSON ({e.msg} at column {e.colno}); each "
+                f"line must be one JSON object"
+            ) from None
         if not isinstance(row, dict):
-            raise ConfigError(f"{where}: a JSON {type(row).__name__}, not an object; each line "
-                              f"must be one JSON object such as {{\"messages\": [...]}}")
+            raise ConfigError(
+                f"{where}: a JSON {type(row).__name__}, not an object; each line "
+                f'must be one JSON object such as {{"messages": [...]}}'
+            )
         yield where, row
 
 
@@ -134,23 +156,30 @@ def _json_file(path: Path, text: str) -> Rows:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-                          ) from None
+        raise ConfigError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        ) from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"{path}: a .json file must hold a list of objects (one per example);"
-                          f" for one object per line name the file .jsonl")
+        raise ConfigError(
+            f"{path}: a .json file must hold a list of objects (one per example);"
+            f" for one object per line name the file .jsonl"
+        )
     return [(f"{path} example {i}", row) for i, row in enumerate(rows, 1)]
 
 
 def detect_format(columns: list[str], cfg: DataConfig) -> str:
     """The data format from the configured one or the columns present."""
     if cfg.format != "auto":
-        needed = {"text": [cfg.text_field], "messages": [cfg.messages_field],
-                  "prompt_response": [cfg.prompt_field, cfg.response_field]}[cfg.format]
+        needed = {
+            "text": [cfg.text_field],
+            "messages": [cfg.messages_field],
+            "prompt_response": [cfg.prompt_field, cfg.response_field],
+        }[cfg.format]
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise ConfigError(f"data.format={cfg.format!r} needs fields {missing}; the dataset "
-                              f"has {columns}")
+            raise ConfigError(
+                f"data.format={cfg.format!r} needs fields {missing}; the dataset has {columns}"
+            )
         return cfg.format
     if cfg.messages_field in columns:
         return "messages"
@@ -158,17 +187,21 @@ def detect_format(columns: list[str], cfg: DataConfig) -> str:
         return "prompt_response"
     if cfg.text_field in columns:
         return "text"
-    raise ConfigError(f"data.format: cannot tell the format from the fields {columns}; set "
-                      f"data.format and the field names (data.text_field, ...)")
+    raise ConfigError(
+        f"data.format: cannot tell the format from the fields {columns}; set "
+        f"data.format and the field names (data.text_field, ...)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Tokenization
 # --------------------------------------------------------------------------------------------
-def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-              add_generation_prompt: bool) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True,
-                                  add_generation_prompt=add_generation_prompt)
+def _chat_ids(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> list[int]:
+    out = tok.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
     if isinstance(out, Mapping) or hasattr(out, "keys"):
         out = out["input_ids"]  # type: ignore[call-overload,index]
     return [int(i) for i in out]  # type: ignore[arg-type]
@@ -178,12 +211,14 @@ def check_messages(messages: Any) -> None:
     """Raise ValueError naming what is wrong with a list of chat turns."""
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else f"a {type(messages).__name__}"
-        raise ValueError(f"the chat turns must be a non-empty list of {{\"role\", \"content\"}} "
-                         f"objects, got {got}")
+        raise ValueError(
+            f'the chat turns must be a non-empty list of {{"role", "content"}} objects, got {got}'
+        )
     for j, message in enumerate(messages, 1):
         if not isinstance(message, dict):
-            raise ValueError(f"turn {j} is a {type(message).__name__}, not an object with "
-                             f"\"role\" and \"content\"")
+            raise ValueError(
+                f'turn {j} is a {type(message).__name__}, not an object with "role" and "content"'
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise ValueError(f"turn {j} has no {key!r} (it has {sorted(message)})")
@@ -191,8 +226,9 @@ def check_messages(messages: Any) -> None:
             raise ValueError(f"turn {j}: 'role' must be a string, got {message['role']!r}")
 
 
-def tokenize_messages(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-                      response_only: bool) -> Example:
+def tokenize_messages(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], response_only: bool
+) -> Example:
     """Render chat turns with the tokenizer's template; targets are the assistant turns (with
     their end-of-turn tokens), or everything."""
     check_messages(messages)
@@ -213,8 +249,9 @@ def tokenize_messages(tok: PreTrainedTokenizerBase, messages: list[dict[str, str
     return Example(ids, targets)
 
 
-def tokenize_row(row: dict[str, Any], fmt: str, tok: PreTrainedTokenizerBase,
-                 cfg: DataConfig) -> Example:
+def tokenize_row(
+    row: dict[str, Any], fmt: str, tok: PreTrainedTokenizerBase, cfg: DataConfig
+) -> Example:
     """One raw row to an :class:`Example`."""
     response_only = cfg.loss_on == "response" or (cfg.loss_on == "auto" and fmt != "text")
     if fmt == "messages":
@@ -222,9 +259,11 @@ def tokenize_row(row: dict[str, Any], fmt: str, tok: PreTrainedTokenizerBase,
     if fmt == "prompt_response":
         prompt, response = str(row[cfg.prompt_field]), str(row[cfg.response_field])
         if tok.chat_template:
-            return tokenize_messages(tok, [{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": response}],
-                                     response_only)
+            return tokenize_messages(
+                tok,
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                response_only,
+            )
         p = tok(prompt, add_special_tokens=True)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return Example(p + r, [0 if response_only else 1] * len(p) + [1] * len(r))
@@ -252,13 +291,15 @@ def fit_length(example: Example, cfg: DataConfig, where: str) -> Example:
         raise ConfigError(
             f"{where} has {len(example.input_ids)} tokens, more than data.max_length="
             f"{cfg.max_length}, and data.truncation is false; raise max_length or allow "
-            f"truncation")
+            f"truncation"
+        )
     n = cfg.max_length
     return Example(example.input_ids[:n], example.targets[:n])
 
 
-def tokenize_dataset(rows: Rows, tok: PreTrainedTokenizerBase, cfg: DataConfig,
-                     limit: int | None = None) -> list[Example]:
+def tokenize_dataset(
+    rows: Rows, tok: PreTrainedTokenizerBase, cfg: DataConfig, limit: int | None = None
+) -> list[Example]:
     """Tokenize every row (or the first ``limit``) and check lengths. Examples without any
     target token (no response, or a prompt that fills ``max_length``) are dropped, counted and
     reported; more than ``data.max_dropped_fraction`` of them stops the run.
@@ -281,8 +322,9 @@ def tokenize_dataset(rows: Rows, tok: PreTrainedTokenizerBase, cfg: DataConfig,
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - a row the tokenizer or template rejects
-            raise ConfigError(f"{where}: cannot be tokenized as {fmt} data ({_reason(e, cfg)})"
-                              ) from None
+            raise ConfigError(
+                f"{where}: cannot be tokenized as {fmt} data ({_reason(e, cfg)})"
+            ) from None
         if sum(full.targets[1:]) == 0:
             dropped["no_target"] += 1
             continue
@@ -293,8 +335,10 @@ def tokenize_dataset(rows: Rows, tok: PreTrainedTokenizerBase, cfg: DataConfig,
         examples.append(ex)
     _report_dropped(cfg, total, dropped)
     if not examples:
-        raise ConfigError(f"data.path {cfg.path!r}: no usable examples (empty dataset, or no "
-                          f"target tokens after masking and truncation)")
+        raise ConfigError(
+            f"data.path {cfg.path!r}: no usable examples (empty dataset, or no "
+            f"target tokens after masking and truncation)"
+        )
     return examples
 
 
@@ -311,26 +355,29 @@ def _report_dropped(cfg: DataConfig, total: int, dropped: dict[str, int]) -> Non
         return
     parts = []
     if dropped["no_target"]:
-        parts.append(f"{dropped['no_target']} with no target token (no assistant turn or "
-                     f"response, or an empty one)")
+        parts.append(
+            f"{dropped['no_target']} with no target token (no assistant turn or "
+            f"response, or an empty one)"
+        )
     if dropped["truncated"]:
-        parts.append(f"{dropped['truncated']} whose prompt fills data.max_length="
-                     f"{cfg.max_length}")
+        parts.append(f"{dropped['truncated']} whose prompt fills data.max_length={cfg.max_length}")
     message = f"data.path {cfg.path!r}: dropped {n} of {total} examples: {'; '.join(parts)}"
     if n > cfg.max_dropped_fraction * total:
-        raise ConfigError(f"{message}; more than data.max_dropped_fraction="
-                          f"{cfg.max_dropped_fraction} of the data. Fix the data, raise "
-                          f"data.max_length, or raise data.max_dropped_fraction")
+        raise ConfigError(
+            f"{message}; more than data.max_dropped_fraction="
+            f"{cfg.max_dropped_fraction} of the data. Fix the data, raise "
+            f"data.max_length, or raise data.max_dropped_fraction"
+        )
     logger.warning(message)
 
 
-def load_examples(cfg: DataConfig, tok: PreTrainedTokenizerBase
-                  ) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    cfg: DataConfig, tok: PreTrainedTokenizerBase
+) -> tuple[list[Example], list[Example]]:
     """The run's tokenized examples of ``data.split`` and of ``data.eval_split`` (else empty),
     numbered in that order (``Example.ids``): the numbering a teacher cache is indexed by."""
     train = tokenize_dataset(load_rows(cfg, cfg.split), tok, cfg, cfg.max_examples)
-    held = (tokenize_dataset(load_rows(cfg, cfg.eval_split), tok, cfg) if cfg.eval_split
-            else [])
+    held = tokenize_dataset(load_rows(cfg, cfg.eval_split), tok, cfg) if cfg.eval_split else []
     for i, ex in enumerate(train + held):
         ex.ids = [i]
     return train, held
@@ -350,10 +397,16 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
             used = 0
         groups[-1].append(ex)
         used += len(ex.input_ids)
-    return [Example([t for ex in group for t in ex.input_ids],
-                    [t for ex in group for t in ex.targets],
-                    [len(ex.input_ids) for ex in group],
-                    _joined_ids(group)) for group in groups if group]
+    return [
+        Example(
+            [t for ex in group for t in ex.input_ids],
+            [t for ex in group for t in ex.targets],
+            [len(ex.input_ids) for ex in group],
+            _joined_ids(group),
+        )
+        for group in groups
+        if group
+    ]
 
 
 def _joined_ids(examples: list[Example]) -> list[int] | None:
@@ -366,8 +419,9 @@ def _joined_ids(examples: list[Example]) -> list[int] | None:
     return out
 
 
-def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None = None
-            ) -> dict[str, Tensor]:
+def collate(
+    batch: list[Example], pad_id: int, packed: bool, length: int | None = None
+) -> dict[str, Tensor]:
     """Pad to the longest row (or ``length``); labels shifted per example, -100 at padding.
 
     Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` that restart at
@@ -394,8 +448,11 @@ def collate(batch: list[Example], pad_id: int, packed: bool, length: int | None 
             positions[b, sl] = torch.arange(part)
             start += part
         positions[b, n:] = torch.arange(width - n)
-    out = ({"input_ids": ids, "position_ids": positions, "labels": labels} if packed
-           else {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    out = (
+        {"input_ids": ids, "position_ids": positions, "labels": labels}
+        if packed
+        else {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    )
     numbers = _joined_ids(batch)
     if numbers is not None:
         out["example_ids"] = torch.tensor(numbers, dtype=torch.long)
@@ -407,8 +464,18 @@ class BatchStream:
     ``k`` holds ``world_size * batch_size`` examples and rank ``r`` takes its slice, so the
     position ``(epoch, batch)`` alone restores the order."""
 
-    def __init__(self, examples: list[Example], batch_size: int, *, seed: int, pad_id: int,
-                 packed: bool, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        *,
+        seed: int,
+        pad_id: int,
+        packed: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
@@ -419,9 +486,11 @@ class BatchStream:
         self.shuffle = shuffle
         global_batch = batch_size * world_size
         if len(examples) < global_batch:
-            raise ConfigError(f"only {len(examples)} training examples for a global batch of "
-                              f"{global_batch} (train.batch_size x processes); add data or "
-                              f"lower the batch size")
+            raise ConfigError(
+                f"only {len(examples)} training examples for a global batch of "
+                f"{global_batch} (train.batch_size x processes); add data or "
+                f"lower the batch size"
+            )
         self.batches_per_epoch = len(examples) // global_batch  # drop the ragged tail
         self.epoch = 0
         self.batch = 0
@@ -443,16 +512,23 @@ class BatchStream:
             order = self.order(self.epoch)
             while self.batch < self.batches_per_epoch:
                 start = (self.batch * self.world_size + self.rank) * self.batch_size
-                chosen = [self.examples[i] for i in order[start:start + self.batch_size]]
+                chosen = [self.examples[i] for i in order[start : start + self.batch_size]]
                 self.batch += 1
                 yield collate(chosen, self.pad_id, self.packed)
             self.epoch += 1
             self.batch = 0
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int, packed: bool, *,
-                 rank: int = 0, world_size: int = 1, limit: int | None = None
-                 ) -> Iterator[dict[str, Tensor]]:
+def eval_batches(
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    packed: bool,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+) -> Iterator[dict[str, Tensor]]:
     """The held-out examples in order, split across ranks (every rank gets the same number of
     batches; a rank short of examples gets an all-ignored batch so collectives stay aligned)."""
     per_step = batch_size * world_size
@@ -461,23 +537,32 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int, packed: 
         steps = min(steps, limit)
     for k in range(steps):
         start = k * per_step + rank * batch_size
-        chosen = examples[start:start + batch_size]
+        chosen = examples[start : start + batch_size]
         if not chosen:
-            chosen = [Example(examples[0].input_ids, [0] * len(examples[0].input_ids),
-                              ids=None if examples[0].ids is None else [])]
+            chosen = [
+                Example(
+                    examples[0].input_ids,
+                    [0] * len(examples[0].input_ids),
+                    ids=None if examples[0].ids is None else [],
+                )
+            ]
         yield collate(chosen, pad_id, packed)
 
 
-def split_eval(examples: list[Example], size: int, seed: int) -> tuple[list[Example],
-                                                                        list[Example]]:
+def split_eval(
+    examples: list[Example], size: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Hold out ``size`` examples (a seeded choice) for evaluation."""
     if size <= 0:
         return examples, []
     if size >= len(examples):
-        raise ConfigError(f"data.eval_size={size} leaves no training examples out of "
-                          f"{len(examples)}")
+        raise ConfigError(
+            f"data.eval_size={size} leaves no training examples out of {len(examples)}"
+        )
     g = torch.Generator().manual_seed(seed + 10_007)
     perm = torch.randperm(len(examples), generator=g).tolist()
     held = set(perm[:size])
-    return ([ex for i, ex in enumerate(examples) if i not in held],
-            [examples[i] for i in sorted(held)])
+    return (
+        [ex for i, ex in enumerate(examples) if i not in held],
+        [examples[i] for i in sorted(held)],
+    )

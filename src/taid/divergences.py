@@ -212,8 +212,16 @@ class Mixed(NamedTuple):
     grad: Tensor | None
 
 
-def mixed(s: Tensor, z: Tensor | None, labels: Tensor | None, *, divergence: str | None,
-          params: dict[str, float], distill_weight: float, need_grad: bool = False) -> Mixed:
+def mixed(
+    s: Tensor,
+    z: Tensor | None,
+    labels: Tensor | None,
+    *,
+    divergence: str | None,
+    params: dict[str, float],
+    distill_weight: float,
+    need_grad: bool = False,
+) -> Mixed:
     """``(1 - w) * CE(labels) + w * divergence(s, z)`` per token, ``w = distill_weight``.
 
     ``divergence=None`` is cross-entropy alone. A term whose weight is 0 is not computed, except
@@ -257,8 +265,10 @@ class Param:
     doc: str = ""
 
     def interval(self) -> str:
-        return (f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{')' if self.high_open else ']'}")
+        return (
+            f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            f"{')' if self.high_open else ']'}"
+        )
 
     def check(self, value: float) -> float:
         """``value`` as a float, or ValueError naming the range."""
@@ -309,31 +319,86 @@ class Divergence:
 
 
 _UNIT: dict[str, Any] = dict(low=0.0, high=1.0)
-DIVERGENCES: dict[str, Divergence] = {d.name: d for d in [
-    Divergence("taid", "taid_loss", "TAIDLoss",
-               "KL(p_t || q), p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)", taid,
-               (Param("t", **_UNIT, doc="interpolation coefficient; 0 gives 0, 1 is forward "
-                                        "KL (TAIDLoss takes it from its scheduler)"),)),
-    Divergence("fkl", "forward_kl", "ForwardKLLoss", "KL(p || q)", forward_kl),
-    Divergence("rkl", "reverse_kl", "ReverseKLLoss", "KL(q || p)", reverse_kl),
-    Divergence("tvd", "tvd", "TVDLoss", "0.5 * sum |p - q|", tvd),
-    Divergence("jsd", "jsd", "JSDLoss",
-               "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", jsd,
-               (Param("beta", **_UNIT, low_open=True, high_open=True, default=0.1,
-                      doc="teacher weight of the mixture m (GKD)"),)),
-    Divergence("skl", "skew_kl", "SkewKLLoss", "KL(p || alpha p + (1 - alpha) q)", skew_kl,
-               (Param("alpha", **_UNIT, high_open=True, default=0.1,
-                      doc="teacher weight of the skewed mixture (DistiLLM)"),)),
-    Divergence("srkl", "skew_reverse_kl", "SkewReverseKLLoss",
-               "KL(q || (1 - alpha) p + alpha q)", skew_reverse_kl,
-               (Param("alpha", **_UNIT, high_open=True, default=0.1,
-                      doc="student weight of the skewed mixture (DistiLLM)"),)),
-    Divergence("akl", "adaptive_kl", "AdaptiveKLLoss",
-               "w_head KL(p || q) + (1 - w_head) KL(q || p), head = teacher mass mu",
-               adaptive_kl,
-               (Param("mu", **_UNIT, low_open=True, default=0.5,
-                      doc="teacher mass of the head"),)),
-]}
+DIVERGENCES: dict[str, Divergence] = {
+    d.name: d
+    for d in [
+        Divergence(
+            "taid",
+            "taid_loss",
+            "TAIDLoss",
+            "KL(p_t || q), p_t = softmax((1 - t) * stopgrad(z_s) + t * z_T)",
+            taid,
+            (
+                Param(
+                    "t",
+                    **_UNIT,
+                    doc="interpolation coefficient; 0 gives 0, 1 is forward "
+                    "KL (TAIDLoss takes it from its scheduler)",
+                ),
+            ),
+        ),
+        Divergence("fkl", "forward_kl", "ForwardKLLoss", "KL(p || q)", forward_kl),
+        Divergence("rkl", "reverse_kl", "ReverseKLLoss", "KL(q || p)", reverse_kl),
+        Divergence("tvd", "tvd", "TVDLoss", "0.5 * sum |p - q|", tvd),
+        Divergence(
+            "jsd",
+            "jsd",
+            "JSDLoss",
+            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q",
+            jsd,
+            (
+                Param(
+                    "beta",
+                    **_UNIT,
+                    low_open=True,
+                    high_open=True,
+                    default=0.1,
+                    doc="teacher weight of the mixture m (GKD)",
+                ),
+            ),
+        ),
+        Divergence(
+            "skl",
+            "skew_kl",
+            "SkewKLLoss",
+            "KL(p || alpha p + (1 - alpha) q)",
+            skew_kl,
+            (
+                Param(
+                    "alpha",
+                    **_UNIT,
+                    high_open=True,
+                    default=0.1,
+                    doc="teacher weight of the skewed mixture (DistiLLM)",
+                ),
+            ),
+        ),
+        Divergence(
+            "srkl",
+            "skew_reverse_kl",
+            "SkewReverseKLLoss",
+            "KL(q || (1 - alpha) p + alpha q)",
+            skew_reverse_kl,
+            (
+                Param(
+                    "alpha",
+                    **_UNIT,
+                    high_open=True,
+                    default=0.1,
+                    doc="student weight of the skewed mixture (DistiLLM)",
+                ),
+            ),
+        ),
+        Divergence(
+            "akl",
+            "adaptive_kl",
+            "AdaptiveKLLoss",
+            "w_head KL(p || q) + (1 - w_head) KL(q || p), head = teacher mass mu",
+            adaptive_kl,
+            (Param("mu", **_UNIT, low_open=True, default=0.5, doc="teacher mass of the head"),),
+        ),
+    ]
+}
 """Every divergence by registry name; adding one is a kernel above and an entry here."""
 
 
@@ -348,13 +413,15 @@ def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
     spec = DIVERGENCES[divergence]
     expected = {p.name for p in spec.params}
     if set(params) != expected:
-        raise ValueError(f"divergence {divergence!r} takes parameters {sorted(expected)}, "
-                         f"got {sorted(params)}")
+        raise ValueError(
+            f"divergence {divergence!r} takes parameters {sorted(expected)}, got {sorted(params)}"
+        )
     return {p.name: p.check(params[p.name]) for p in spec.params}
 
 
-def per_token(divergence: str, s: Tensor, z: Tensor, *, need_grad: bool = False,
-              **params: float) -> KernelOut:
+def per_token(
+    divergence: str, s: Tensor, z: Tensor, *, need_grad: bool = False, **params: float
+) -> KernelOut:
     """A divergence's per-token loss ``[n]`` and, with ``need_grad``, its gradient w.r.t.
     ``s`` ``[n, V]``: the kernel's own, or (``analytic=False``) autograd through the kernel's
     loss on this chunk alone, so memory stays that of one chunk."""

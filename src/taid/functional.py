@@ -94,8 +94,9 @@ def resolve_vocab(student_width: int, teacher_width: int | None, vocab_size: int
     return vocab_size
 
 
-def valid_mask(labels: Tensor | None, leading_shape: torch.Size, ignore_index: int,
-               device: torch.device) -> Tensor:
+def valid_mask(
+    labels: Tensor | None, leading_shape: torch.Size, ignore_index: int, device: torch.device
+) -> Tensor:
     """``[N]`` bool mask of the positions that count (``labels != ignore_index``)."""
     if labels is None:
         return torch.ones(math.prod(leading_shape), dtype=torch.bool, device=device)
@@ -115,8 +116,13 @@ def _check_float(name: str, x: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def _objective(divergence: str | None, distill_weight: float, params: dict[str, float],
-               has_teacher: bool, has_labels: bool) -> C.Objective:
+def _objective(
+    divergence: str | None,
+    distill_weight: float,
+    params: dict[str, float],
+    has_teacher: bool,
+    has_labels: bool,
+) -> C.Objective:
     if divergence is None:
         if params:
             raise ValueError(f"cross-entropy takes no divergence parameters, got {sorted(params)}")
@@ -128,8 +134,9 @@ def _objective(divergence: str | None, distill_weight: float, params: dict[str, 
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if distill_weight < 1.0 and not has_labels:
-        raise ValueError("cross-entropy on the labels (distill_weight < 1 or SFT) needs labels, "
-                         "got None")
+        raise ValueError(
+            "cross-entropy on the labels (distill_weight < 1 or SFT) needs labels, got None"
+        )
     return C.Objective(divergence, params, float(distill_weight))
 
 
@@ -146,19 +153,22 @@ def _check_options(reduction: str, implementation: str, chunk_size: int | None) 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
+        )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _reduce_detached(per_token: Tensor | None, idx: Tensor, n_rows: int, shape: torch.Size,
-                     reduction: str) -> Tensor | None:
+def _reduce_detached(
+    per_token: Tensor | None, idx: Tensor, n_rows: int, shape: torch.Size, reduction: str
+) -> Tensor | None:
     if per_token is None:
         return None
     with torch.no_grad():
         return C.reduce_rows(per_token.detach(), idx, n_rows, reduction).reshape(
-            shape if reduction == "none" else ())
+            shape if reduction == "none" else ()
+        )
 
 
 class _Plan(NamedTuple):
@@ -169,10 +179,19 @@ class _Plan(NamedTuple):
     labels: Tensor | None
 
 
-def _plan(divergence: str | None, teacher: S.TeacherSource | None, what: str,
-          student_shape: torch.Size, student_width: int, labels: Tensor | None,
-          ignore_index: int, vocab_size: int | None, distill_weight: float,
-          params: dict[str, float], device: torch.device) -> _Plan:
+def _plan(
+    divergence: str | None,
+    teacher: S.TeacherSource | None,
+    what: str,
+    student_shape: torch.Size,
+    student_width: int,
+    labels: Tensor | None,
+    ignore_index: int,
+    vocab_size: int | None,
+    distill_weight: float,
+    params: dict[str, float],
+    device: torch.device,
+) -> _Plan:
     """What both entry points decide once the teacher is a source: the objective, the shared
     width, the valid rows and their labels."""
     leading = student_shape[:-1]
@@ -180,10 +199,13 @@ def _plan(divergence: str | None, teacher: S.TeacherSource | None, what: str,
     if divergence is None:
         teacher = None
     if teacher is not None and teacher.num_rows != n_rows:
-        raise ValueError(f"the teacher covers {teacher.num_rows} positions but the student's "
-                         f"{what} {tuple(student_shape)} have {n_rows}")
-    objective = _objective(divergence, distill_weight, params, teacher is not None,
-                           labels is not None)
+        raise ValueError(
+            f"the teacher covers {teacher.num_rows} positions but the student's "
+            f"{what} {tuple(student_shape)} have {n_rows}"
+        )
+    objective = _objective(
+        divergence, distill_weight, params, teacher is not None, labels is not None
+    )
     width = resolve_vocab(student_width, None if teacher is None else teacher.width, vocab_size)
     idx = valid_mask(labels, leading, ignore_index, device).nonzero().squeeze(1)
     flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
@@ -192,8 +214,9 @@ def _plan(divergence: str | None, teacher: S.TeacherSource | None, what: str,
     return _Plan(teacher, objective, width, idx, flat_labels)
 
 
-def _output(loss: Tensor, stats: C.ChunkStats, idx: Tensor, leading: torch.Size,
-            reduction: str) -> LossOutput:
+def _output(
+    loss: Tensor, stats: C.ChunkStats, idx: Tensor, leading: torch.Size, reduction: str
+) -> LossOutput:
     n_rows = math.prod(leading)
     return LossOutput(
         loss.reshape(leading) if reduction == "none" else loss,
@@ -248,28 +271,57 @@ def loss_terms(
     if divergence is not None and teacher_logits is not None:
         teacher = S.as_source(teacher_logits, student_logits.shape, "logits")
     teacher, objective, width, idx, flat_labels = _plan(
-        divergence, teacher, "logits", student_logits.shape, student_logits.shape[-1], labels,
-        ignore_index, vocab_size, distill_weight, params, student_logits.device)
+        divergence,
+        teacher,
+        "logits",
+        student_logits.shape,
+        student_logits.shape[-1],
+        labels,
+        ignore_index,
+        vocab_size,
+        distill_weight,
+        params,
+        student_logits.device,
+    )
     student = student_logits.reshape(n_rows, student_logits.shape[-1])
 
     if implementation == "eager":
         rows = slice(0, n_rows) if idx.numel() == n_rows else idx
         s = S.finite(S.take(student[:, :width], rows), fresh=False)
         z = None if teacher is None else teacher.rows(rows, width)
-        out = D.mixed(s, z, flat_labels, divergence=objective.divergence,
-                      params=objective.params, distill_weight=objective.distill_weight)
+        out = D.mixed(
+            s,
+            z,
+            flat_labels,
+            divergence=objective.divergence,
+            params=objective.params,
+            distill_weight=objective.distill_weight,
+        )
         if out.loss.numel() and bool(out.loss.detach().max() > D.INFINITE_LOSS):
             i = int((out.loss.detach() > D.INFINITE_LOSS).nonzero()[0])
-            raise ValueError(S.explain_infinite(
-                s[i].detach(), None if z is None else z[i],
-                int(flat_labels[i]) if flat_labels is not None and objective.distill_weight < 1
-                else None, objective.divergence))
+            raise ValueError(
+                S.explain_infinite(
+                    s[i].detach(),
+                    None if z is None else z[i],
+                    int(flat_labels[i])
+                    if flat_labels is not None and objective.distill_weight < 1
+                    else None,
+                    objective.divergence,
+                )
+            )
         loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
         stats = C.ChunkStats(loss.detach(), out.distill, out.ce)
     else:
-        loss, stats = C.chunked_logits_loss(student, idx, teacher, flat_labels, objective,
-                                            width=width, chunk_size=chunk_size,
-                                            reduction=reduction)
+        loss, stats = C.chunked_logits_loss(
+            student,
+            idx,
+            teacher,
+            flat_labels,
+            objective,
+            width=width,
+            chunk_size=chunk_size,
+            reduction=reduction,
+        )
     return _output(loss, stats, idx, leading, reduction)
 
 
@@ -315,34 +367,58 @@ def fused_linear_terms(
     """
     _check_options(reduction, "chunked", chunk_size)
     if reduction == "none":
-        raise ValueError("the fused output-layer path supports reduction 'mean' or 'sum'; use "
-                         "the logits path (loss_terms / taid_loss) for per-position losses")
+        raise ValueError(
+            "the fused output-layer path supports reduction 'mean' or 'sum'; use "
+            "the logits path (loss_terms / taid_loss) for per-position losses"
+        )
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         _check_float(name, x)
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(
             f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = "
-            f"student_hidden's last dimension ({tuple(student_hidden.shape)})")
+            f"student_hidden's last dimension ({tuple(student_hidden.shape)})"
+        )
     if student_hidden.dtype != student_weight.dtype:
-        raise TypeError(f"student_hidden ({student_hidden.dtype}) and student_weight "
-                        f"({student_weight.dtype}) must share a dtype")
+        raise TypeError(
+            f"student_hidden ({student_hidden.dtype}) and student_weight "
+            f"({student_weight.dtype}) must share a dtype"
+        )
     if student_bias is not None and student_bias.shape != student_weight.shape[:1]:
-        raise ValueError(f"student_bias {tuple(student_bias.shape)} must be "
-                         f"[{student_weight.shape[0]}]")
+        raise ValueError(
+            f"student_bias {tuple(student_bias.shape)} must be [{student_weight.shape[0]}]"
+        )
     leading = student_hidden.shape[:-1]
     n_rows = math.prod(leading)
     teacher_source = None
     if divergence is not None and teacher is not None:
-        teacher_source = S.as_source(teacher, student_hidden.shape, "hidden states",
-                                     weight=teacher_weight,
-                                     bias=teacher_bias)
+        teacher_source = S.as_source(
+            teacher, student_hidden.shape, "hidden states", weight=teacher_weight, bias=teacher_bias
+        )
     teacher_source, objective, width, idx, flat_labels = _plan(
-        divergence, teacher_source, "hidden states", student_hidden.shape,
-        student_weight.shape[0], labels, ignore_index, vocab_size, distill_weight, params,
-        student_hidden.device)
+        divergence,
+        teacher_source,
+        "hidden states",
+        student_hidden.shape,
+        student_weight.shape[0],
+        labels,
+        ignore_index,
+        vocab_size,
+        distill_weight,
+        params,
+        student_hidden.device,
+    )
     loss, stats = C.fused_linear_loss(
-        student_hidden.reshape(n_rows, -1), student_weight, student_bias, idx, teacher_source,
-        flat_labels, objective, width=width, chunk_size=chunk_size, reduction=reduction)
+        student_hidden.reshape(n_rows, -1),
+        student_weight,
+        student_bias,
+        idx,
+        teacher_source,
+        flat_labels,
+        objective,
+        width=width,
+        chunk_size=chunk_size,
+        reduction=reduction,
+    )
     return _output(loss, stats, idx, leading, reduction)
 
 
@@ -350,11 +426,21 @@ def fused_linear_terms(
 # Public functions, one pair per divergence, derived from its description
 # --------------------------------------------------------------------------------------------
 _LOGITS_OPTIONS: dict[str, Any] = {
-    "ignore_index": -100, "reduction": "mean", "vocab_size": None,
-    "implementation": "chunked", "chunk_size": None}
+    "ignore_index": -100,
+    "reduction": "mean",
+    "vocab_size": None,
+    "implementation": "chunked",
+    "chunk_size": None,
+}
 _FUSED_OPTIONS: dict[str, Any] = {
-    "teacher_weight": None, "teacher_bias": None, "student_bias": None, "ignore_index": -100,
-    "reduction": "mean", "chunk_size": None, "vocab_size": None}
+    "teacher_weight": None,
+    "teacher_bias": None,
+    "student_bias": None,
+    "ignore_index": -100,
+    "reduction": "mean",
+    "chunk_size": None,
+    "vocab_size": None,
+}
 _ARGS_DOC = """
     Args:
         {inputs}
@@ -370,19 +456,23 @@ _ARGS_DOC = """
 """
 
 
-def _signature(spec: D.Divergence, leading: list[str], options: dict[str, Any]
-               ) -> inspect.Signature:
+def _signature(
+    spec: D.Divergence, leading: list[str], options: dict[str, Any]
+) -> inspect.Signature:
     P = inspect.Parameter
     params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in leading]
     params.append(P("labels", P.POSITIONAL_OR_KEYWORD, default=None))
-    params += [P(p.name, P.KEYWORD_ONLY, **({} if p.default is None else {"default": p.default}))
-               for p in spec.params]
+    params += [
+        P(p.name, P.KEYWORD_ONLY, **({} if p.default is None else {"default": p.default}))
+        for p in spec.params
+    ]
     params += [P(name, P.KEYWORD_ONLY, default=default) for name, default in options.items()]
     return inspect.Signature(params, return_annotation=Tensor)
 
 
-def _bind(fn_name: str, spec: D.Divergence, options: dict[str, Any],
-          kwargs: dict[str, Any]) -> dict[str, Any]:
+def _bind(
+    fn_name: str, spec: D.Divergence, options: dict[str, Any], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """Keyword arguments of a generated function with defaults filled in; TypeError like a
     hand-written signature for an unknown or a missing one."""
     allowed = {p.name for p in spec.params} | set(options)
@@ -397,51 +487,77 @@ def _bind(fn_name: str, spec: D.Divergence, options: dict[str, Any],
 
 
 def _params_doc(spec: D.Divergence) -> str:
-    return "".join(f"        {p.name}: {p.doc}; in {p.interval()}"
-                   + (f" (default {p.default:g})" if p.default is not None else "") + ".\n"
-                   for p in spec.params)
+    return "".join(
+        f"        {p.name}: {p.doc}; in {p.interval()}"
+        + (f" (default {p.default:g})" if p.default is not None else "")
+        + ".\n"
+        for p in spec.params
+    )
 
 
 def _logits_function(spec: D.Divergence) -> Callable[..., Tensor]:
-    def fn(student_logits: Tensor, teacher_logits: TeacherLike, labels: Tensor | None = None,
-           **kwargs: Any) -> Tensor:
+    def fn(
+        student_logits: Tensor,
+        teacher_logits: TeacherLike,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         bound = _bind(spec.function, spec, _LOGITS_OPTIONS, kwargs)
         return loss_terms(spec.name, student_logits, teacher_logits, labels, **bound).loss
 
     fn.__name__ = fn.__qualname__ = spec.function
     fn.__signature__ = _signature(  # type: ignore[attr-defined]
-        spec, ["student_logits", "teacher_logits"], _LOGITS_OPTIONS)
-    fn.__doc__ = f"``{spec.formula}`` on logits (registry name ``{spec.name}``).\n" + \
-        _ARGS_DOC.format(
+        spec, ["student_logits", "teacher_logits"], _LOGITS_OPTIONS
+    )
+    fn.__doc__ = (
+        f"``{spec.formula}`` on logits (registry name ``{spec.name}``).\n"
+        + _ARGS_DOC.format(
             inputs="student_logits: ``[..., V_s]`` (gradient flows here).\n        "
-                   "teacher_logits: ``[..., V_T]`` teacher logits, or a teacher source over the "
-                   "flattened positions.",
-            what="logits", params=_params_doc(spec), none=', or ``"none"`` (shape ``[...]``)',
-            extra="\n        implementation: ``\"chunked\"`` (memory-lean) or ``\"eager\"`` "
-                  "(autograd).")
+            "teacher_logits: ``[..., V_T]`` teacher logits, or a teacher source over the "
+            "flattened positions.",
+            what="logits",
+            params=_params_doc(spec),
+            none=', or ``"none"`` (shape ``[...]``)',
+            extra='\n        implementation: ``"chunked"`` (memory-lean) or ``"eager"`` '
+            "(autograd).",
+        )
+    )
     return fn
 
 
 def _fused_function(spec: D.Divergence) -> Callable[..., Tensor]:
     name = f"fused_linear_{spec.function}"
 
-    def fn(student_hidden: Tensor, student_weight: Tensor, teacher: TeacherLike,
-           labels: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def fn(
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher: TeacherLike,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         bound = _bind(name, spec, _FUSED_OPTIONS, kwargs)
-        return fused_linear_terms(spec.name, student_hidden, student_weight, teacher, labels,
-                                  **bound).loss
+        return fused_linear_terms(
+            spec.name, student_hidden, student_weight, teacher, labels, **bound
+        ).loss
 
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = _signature(  # type: ignore[attr-defined]
-        spec, ["student_hidden", "student_weight", "teacher"], _FUSED_OPTIONS)
-    fn.__doc__ = (f"``{spec.formula}`` without materialising the student's logits (registry "
-                  f"name ``{spec.name}``); see :func:`fused_linear_terms`.\n") + _ARGS_DOC.format(
+        spec, ["student_hidden", "student_weight", "teacher"], _FUSED_OPTIONS
+    )
+    fn.__doc__ = (
+        f"``{spec.formula}`` without materialising the student's logits (registry "
+        f"name ``{spec.name}``); see :func:`fused_linear_terms`.\n"
+    ) + _ARGS_DOC.format(
         inputs="student_hidden: ``[..., H]``; student_weight: ``[V_s, H]`` (and student_bias "
-               "``[V_s]``): ``z_s = hidden @ weight.T + bias`` is formed chunk by chunk.\n"
-               "        teacher: teacher logits ``[..., V_T]``, teacher hidden states "
-               "``[..., H_T]`` with teacher_weight ``[V_T, H_T]`` (and teacher_bias), or a "
-               "teacher source.",
-        what="hidden states", params=_params_doc(spec), none="", extra="")
+        "``[V_s]``): ``z_s = hidden @ weight.T + bias`` is formed chunk by chunk.\n"
+        "        teacher: teacher logits ``[..., V_T]``, teacher hidden states "
+        "``[..., H_T]`` with teacher_weight ``[V_T, H_T]`` (and teacher_bias), or a "
+        "teacher source.",
+        what="hidden states",
+        params=_params_doc(spec),
+        none="",
+        extra="",
+    )
     return fn
 
 
@@ -456,26 +572,47 @@ for _spec in D.DIVERGENCES.values():
     publish(_spec)
 
 
-def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
-                  reduction: Reduction = "mean", vocab_size: int | None = None,
-                  implementation: Implementation = "chunked",
-                  chunk_size: int | None = None) -> Tensor:
+def cross_entropy(
+    student_logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    vocab_size: int | None = None,
+    implementation: Implementation = "chunked",
+    chunk_size: int | None = None,
+) -> Tensor:
     """Cross-entropy ``-log q[label]`` on the labels (plain SFT), float32, same masking."""
-    return loss_terms(None, student_logits, None, labels, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size, implementation=implementation,
-                      chunk_size=chunk_size).loss
+    return loss_terms(
+        None,
+        student_logits,
+        None,
+        labels,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=vocab_size,
+        implementation=implementation,
+        chunk_size=chunk_size,
+    ).loss
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions fused with the output layer
 # --------------------------------------------------------------------------------------------
-def fused_linear_taid_loss(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                           labels: Tensor | None = None, *, t: float,
-                           teacher_weight: Tensor | None = None,
-                           student_bias: Tensor | None = None, ignore_index: int = -100,
-                           reduction: Literal["mean", "sum"] = "mean",
-                           chunk_size: int | None = None,
-                           vocab_size: int | None = None) -> Tensor:
+def fused_linear_taid_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    t: float,
+    teacher_weight: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum"] = "mean",
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
     """TAID without materialising the student's logits.
 
     ``z_s = student_hidden @ student_weight.T (+ student_bias)`` is formed chunk by chunk;
@@ -484,67 +621,118 @@ def fused_linear_taid_loss(student_hidden: Tensor, student_weight: Tensor, teach
     ``student_weight`` and ``student_bias``. Other arguments as :func:`taid_loss`; see
     :func:`fused_linear_terms`.
     """
-    return fused_linear_terms("taid", student_hidden, student_weight, teacher, labels, t=t,
-                              teacher_weight=teacher_weight, student_bias=student_bias,
-                              ignore_index=ignore_index, reduction=reduction,
-                              chunk_size=chunk_size, vocab_size=vocab_size).loss
+    return fused_linear_terms(
+        "taid",
+        student_hidden,
+        student_weight,
+        teacher,
+        labels,
+        t=t,
+        teacher_weight=teacher_weight,
+        student_bias=student_bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+    ).loss
 
 
-def fused_linear_forward_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                            labels: Tensor | None = None, **kwargs) -> Tensor:
+def fused_linear_forward_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
     """:func:`forward_kl` fused with the output layer; arguments as
     :func:`fused_linear_taid_loss` without ``t``."""
-    return fused_linear_terms("fkl", student_hidden, student_weight, teacher, labels,
-                              **kwargs).loss
+    return fused_linear_terms("fkl", student_hidden, student_weight, teacher, labels, **kwargs).loss
 
 
-def fused_linear_reverse_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                            labels: Tensor | None = None, **kwargs) -> Tensor:
+def fused_linear_reverse_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
     """:func:`reverse_kl` fused with the output layer."""
-    return fused_linear_terms("rkl", student_hidden, student_weight, teacher, labels,
-                              **kwargs).loss
+    return fused_linear_terms("rkl", student_hidden, student_weight, teacher, labels, **kwargs).loss
 
 
-def fused_linear_tvd(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                     labels: Tensor | None = None, **kwargs) -> Tensor:
+def fused_linear_tvd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
     """:func:`tvd` fused with the output layer."""
-    return fused_linear_terms("tvd", student_hidden, student_weight, teacher, labels,
-                              **kwargs).loss
+    return fused_linear_terms("tvd", student_hidden, student_weight, teacher, labels, **kwargs).loss
 
 
-def fused_linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                     labels: Tensor | None = None, *, beta: float = 0.1, **kwargs) -> Tensor:
+def fused_linear_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    **kwargs,
+) -> Tensor:
     """:func:`jsd` fused with the output layer."""
-    return fused_linear_terms("jsd", student_hidden, student_weight, teacher, labels, beta=beta,
-                              **kwargs).loss
+    return fused_linear_terms(
+        "jsd", student_hidden, student_weight, teacher, labels, beta=beta, **kwargs
+    ).loss
 
 
-def fused_linear_skew_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                         labels: Tensor | None = None, *, alpha: float = 0.1,
-                         **kwargs) -> Tensor:
+def fused_linear_skew_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    alpha: float = 0.1,
+    **kwargs,
+) -> Tensor:
     """:func:`skew_kl` fused with the output layer."""
-    return fused_linear_terms("skl", student_hidden, student_weight, teacher, labels,
-                              alpha=alpha, **kwargs).loss
+    return fused_linear_terms(
+        "skl", student_hidden, student_weight, teacher, labels, alpha=alpha, **kwargs
+    ).loss
 
 
-def fused_linear_skew_reverse_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                                 labels: Tensor | None = None, *, alpha: float = 0.1,
-                                 **kwargs) -> Tensor:
+def fused_linear_skew_reverse_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    alpha: float = 0.1,
+    **kwargs,
+) -> Tensor:
     """:func:`skew_reverse_kl` fused with the output layer."""
-    return fused_linear_terms("srkl", student_hidden, student_weight, teacher, labels,
-                              alpha=alpha, **kwargs).loss
+    return fused_linear_terms(
+        "srkl", student_hidden, student_weight, teacher, labels, alpha=alpha, **kwargs
+    ).loss
 
 
-def fused_linear_adaptive_kl(student_hidden: Tensor, student_weight: Tensor, teacher: Tensor,
-                             labels: Tensor | None = None, *, mu: float = 0.5,
-                             **kwargs) -> Tensor:
+def fused_linear_adaptive_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    mu: float = 0.5,
+    **kwargs,
+) -> Tensor:
     """:func:`adaptive_kl` fused with the output layer."""
-    return fused_linear_terms("akl", student_hidden, student_weight, teacher, labels, mu=mu,
-                              **kwargs).loss
+    return fused_linear_terms(
+        "akl", student_hidden, student_weight, teacher, labels, mu=mu, **kwargs
+    ).loss
 
 
-def fused_linear_cross_entropy(student_hidden: Tensor, student_weight: Tensor, labels: Tensor,
-                               **kwargs) -> Tensor:
+def fused_linear_cross_entropy(
+    student_hidden: Tensor, student_weight: Tensor, labels: Tensor, **kwargs
+) -> Tensor:
     """Cross-entropy on the labels fused with the output layer."""
-    return fused_linear_terms(None, student_hidden, student_weight, None, labels,
-                              **kwargs).loss
+    return fused_linear_terms(None, student_hidden, student_weight, None, labels, **kwargs).loss

@@ -42,10 +42,16 @@ class DistillationLoss(nn.Module):
     """The divergence's description (:data:`taid.divergences.DIVERGENCES`); None for SFT."""
     divergence: ClassVar[str | None] = None
 
-    def __init__(self, *, distill_weight: float = 1.0, ignore_index: int = -100,
-                 reduction: TF.Reduction = "mean", vocab_size: int | None = None,
-                 implementation: TF.Implementation = "chunked",
-                 chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        distill_weight: float = 1.0,
+        ignore_index: int = -100,
+        reduction: TF.Reduction = "mean",
+        vocab_size: int | None = None,
+        implementation: TF.Implementation = "chunked",
+        chunk_size: int | None = None,
+    ) -> None:
         super().__init__()
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
@@ -62,34 +68,67 @@ class DistillationLoss(nn.Module):
         return {}
 
     def _common(self) -> dict[str, Any]:
-        return dict(ignore_index=self.ignore_index, reduction=self.reduction,
-                    vocab_size=self.vocab_size, distill_weight=self.distill_weight,
-                    chunk_size=self.chunk_size, **self.divergence_params())
+        return dict(
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            vocab_size=self.vocab_size,
+            distill_weight=self.distill_weight,
+            chunk_size=self.chunk_size,
+            **self.divergence_params(),
+        )
 
-    def compute(self, student_logits: Tensor, teacher_logits: TeacherLike | None = None,
-                labels: Tensor | None = None) -> LossOutput:
+    def compute(
+        self,
+        student_logits: Tensor,
+        teacher_logits: TeacherLike | None = None,
+        labels: Tensor | None = None,
+    ) -> LossOutput:
         """The loss with its parts and the valid-token count; does not change any state.
 
         Shapes: ``student_logits [..., V_s]``, ``teacher_logits [..., V_T]``, ``labels [...]``.
         """
-        return TF.loss_terms(self.divergence, student_logits, teacher_logits, labels,
-                             implementation=self.implementation, **self._common())
+        return TF.loss_terms(
+            self.divergence,
+            student_logits,
+            teacher_logits,
+            labels,
+            implementation=self.implementation,
+            **self._common(),
+        )
 
-    def compute_fused(self, student_hidden: Tensor, student_weight: Tensor,
-                      teacher: TeacherLike | None = None, labels: Tensor | None = None, *,
-                      student_bias: Tensor | None = None, teacher_weight: Tensor | None = None,
-                      teacher_bias: Tensor | None = None) -> LossOutput:
+    def compute_fused(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher: TeacherLike | None = None,
+        labels: Tensor | None = None,
+        *,
+        student_bias: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> LossOutput:
         """As :meth:`compute`, from the student's last hidden states ``[..., H]`` and output
         layer ``[V_s, H]`` so that the full student logits never exist. ``teacher`` is teacher
         logits, or teacher hidden states when ``teacher_weight`` is given. See
         :func:`taid.functional.fused_linear_terms`."""
         return TF.fused_linear_terms(
-            self.divergence, student_hidden, student_weight, teacher, labels,
-            student_bias=student_bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-            **self._common())
+            self.divergence,
+            student_hidden,
+            student_weight,
+            teacher,
+            labels,
+            student_bias=student_bias,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            **self._common(),
+        )
 
-    def forward(self, student_logits: Tensor, teacher_logits: TeacherLike | None = None,
-                labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: TeacherLike | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
         """The reduced loss (see :meth:`compute` for its parts)."""
         return self.compute(student_logits, teacher_logits, labels).loss
 
@@ -106,9 +145,13 @@ class DistillationLoss(nn.Module):
         return {}
 
     def extra_repr(self) -> str:
-        params = {**self.divergence_params(), "distill_weight": self.distill_weight,
-                  "ignore_index": self.ignore_index, "reduction": self.reduction,
-                  "implementation": self.implementation}
+        params = {
+            **self.divergence_params(),
+            "distill_weight": self.distill_weight,
+            "ignore_index": self.ignore_index,
+            "reduction": self.reduction,
+            "implementation": self.implementation,
+        }
         if self.vocab_size is not None:
             params["vocab_size"] = self.vocab_size
         return ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -133,19 +176,40 @@ class TAIDLoss(DistillationLoss):
 
     divergence = "taid"
 
-    def __init__(self, scheduler: TAIDScheduler | None = None, *, t_start: float = 0.4,
-                 t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
-                 total_steps: int | None = None, adaptive: bool = True,
-                 distill_weight: float = 1.0, ignore_index: int = -100,
-                 reduction: TF.Reduction = "mean", vocab_size: int | None = None,
-                 implementation: TF.Implementation = "chunked",
-                 chunk_size: int | None = None) -> None:
-        super().__init__(distill_weight=distill_weight, ignore_index=ignore_index,
-                         reduction=reduction, vocab_size=vocab_size,
-                         implementation=implementation, chunk_size=chunk_size)
+    def __init__(
+        self,
+        scheduler: TAIDScheduler | None = None,
+        *,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+        total_steps: int | None = None,
+        adaptive: bool = True,
+        distill_weight: float = 1.0,
+        ignore_index: int = -100,
+        reduction: TF.Reduction = "mean",
+        vocab_size: int | None = None,
+        implementation: TF.Implementation = "chunked",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            distill_weight=distill_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            implementation=implementation,
+            chunk_size=chunk_size,
+        )
         if scheduler is None:
-            scheduler = TAIDScheduler(t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,
-                                      total_steps=total_steps, adaptive=adaptive)
+            scheduler = TAIDScheduler(
+                t_start=t_start,
+                t_end=t_end,
+                alpha=alpha,
+                beta=beta,
+                total_steps=total_steps,
+                adaptive=adaptive,
+            )
         self.scheduler = scheduler
 
     @property
@@ -197,18 +261,28 @@ class DivergenceLoss(DistillationLoss):
 
 def _divergence_class(spec: Divergence) -> type[DivergenceLoss]:
     """The ``nn.Module`` of a divergence: :class:`DivergenceLoss` with its description."""
-    params = "".join(f"\n        {p.name}: {p.doc}; in {p.interval()} (default {p.default:g})."
-                     for p in spec.params)
-    doc = (f"``{spec.formula}`` (registry name ``{spec.name}``).\n\n    Args:{params}\n"
-           f"        Other arguments: see :class:`DistillationLoss`.\n    ")
-    cls = type(spec.class_name, (DivergenceLoss,),
-               {"spec": spec, "divergence": spec.name, "__doc__": doc,
-                "__module__": __name__})
+    params = "".join(
+        f"\n        {p.name}: {p.doc}; in {p.interval()} (default {p.default:g})."
+        for p in spec.params
+    )
+    doc = (
+        f"``{spec.formula}`` (registry name ``{spec.name}``).\n\n    Args:{params}\n"
+        f"        Other arguments: see :class:`DistillationLoss`.\n    "
+    )
+    cls = type(
+        spec.class_name,
+        (DivergenceLoss,),
+        {"spec": spec, "divergence": spec.name, "__doc__": doc, "__module__": __name__},
+    )
     P = inspect.Parameter
     cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [P(p.name, P.KEYWORD_ONLY, default=p.default) for p in spec.params]
-        + [p for p in inspect.signature(DistillationLoss.__init__).parameters.values()
-           if p.name != "self"])
+        + [
+            p
+            for p in inspect.signature(DistillationLoss.__init__).parameters.values()
+            if p.name != "self"
+        ]
+    )
     return cls
 
 
@@ -217,12 +291,23 @@ class SFTLoss(DistillationLoss):
 
     divergence = None
 
-    def __init__(self, *, ignore_index: int = -100, reduction: TF.Reduction = "mean",
-                 vocab_size: int | None = None, implementation: TF.Implementation = "chunked",
-                 chunk_size: int | None = None) -> None:
-        super().__init__(distill_weight=0.0, ignore_index=ignore_index, reduction=reduction,
-                         vocab_size=vocab_size, implementation=implementation,
-                         chunk_size=chunk_size)
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: TF.Reduction = "mean",
+        vocab_size: int | None = None,
+        implementation: TF.Implementation = "chunked",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            distill_weight=0.0,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            implementation=implementation,
+            chunk_size=chunk_size,
+        )
 
 
 TAIDLoss.spec = DIVERGENCES["taid"]
@@ -302,4 +387,3 @@ def build_loss(name: str, **kwargs: Any) -> DistillationLoss:
     if unknown:
         raise ValueError(f"loss {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
     return cls(**kwargs)
-

@@ -128,7 +128,8 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"built-in model {name!r} needs the package {package!r}: {_INSTALL_HINT} "
-            f"(--no-deps: its own dependencies are not needed)")
+            f"(--no-deps: its own dependencies are not needed)"
+        )
     source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / filename).is_file():
         raise FileNotFoundError(f"{source / filename} is missing; reinstall with {_INSTALL_HINT}")
@@ -151,8 +152,9 @@ def _write_atomically(target: Path, write: Any) -> None:
 def _convert_gguf(source: Path, filename: str, target: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename,
-                                                      dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=filename, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
     # The weights are dequantised already, but transformers marks a GGUF-loaded model as
     # quantised and refuses to save it: copy them into a plain model of the same config.
@@ -186,11 +188,14 @@ def _dtype(name: str) -> torch.dtype | str:
 
 def run_tokenizer(config: Config) -> PreTrainedTokenizerBase:
     """The run's tokenizer: ``teacher.tokenizer``, else the teacher's, else the student's."""
-    source = (config.teacher.tokenizer or config.teacher.name_or_path
-              or config.student.tokenizer or config.student.name_or_path)
+    source = (
+        config.teacher.tokenizer
+        or config.teacher.name_or_path
+        or config.student.tokenizer
+        or config.student.name_or_path
+    )
     if source is None:
-        raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student "
-                          "name_or_path)")
+        raise ConfigError("no tokenizer: set teacher.tokenizer (or a teacher/student name_or_path)")
     return load_tokenizer(source, config.teacher.trust_remote_code)
 
 
@@ -230,7 +235,8 @@ def check_distribution(accelerator: Any) -> None:
             raise ConfigError(
                 f"the accelerate config asks for {mode}, but accelerate runs {running} here "
                 f"(it shards models only on accelerators; on CPU it falls back to replicating "
-                f"them); on CPU use configs/accelerate/cpu_2proc.yaml, or run on GPUs")
+                f"them); on CPU use configs/accelerate/cpu_2proc.yaml, or run on GPUs"
+            )
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -262,8 +268,8 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     if not cfg.name_or_path:
         raise ValueError("name_or_path or architecture is required")
     return AutoModelForCausalLM.from_pretrained(
-        resolve(cfg.name_or_path), dtype=_dtype(cfg.dtype),
-        trust_remote_code=cfg.trust_remote_code)
+        resolve(cfg.name_or_path), dtype=_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+    )
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -279,8 +285,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return name, module
-    raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
-                     f"(an nn.ModuleList of num_hidden_layers={n} modules)")
+    raise ValueError(
+        f"could not find the decoder layers of {type(model).__name__} "
+        f"(an nn.ModuleList of num_hidden_layers={n} modules)"
+    )
 
 
 def spread_layers(count: int, total: int) -> list[int]:
@@ -292,8 +300,9 @@ def spread_layers(count: int, total: int) -> list[int]:
     return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
-def student_from_teacher_layers(teacher: PreTrainedModel, layers: list[int] | int,
-                                dtype: str = "float32") -> PreTrainedModel:
+def student_from_teacher_layers(
+    teacher: PreTrainedModel, layers: list[int] | int, dtype: str = "float32"
+) -> PreTrainedModel:
     """A student with the teacher's embeddings, final norm, output layer and a subset of its
     decoder layers (copied weights; a common way to start a small student from a large one).
 
@@ -323,19 +332,22 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: list[int] | in
             head = ".".join(key.split(".")[: prefix.count(".") + 2]) + "."
             if head not in mapping:
                 continue
-            key = mapping[head] + key[len(head):]
+            key = mapping[head] + key[len(head) :]
         state[key] = value
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = set(getattr(student, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"layer-subset init left weights unset: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"layer-subset init left weights unset: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return student.to(_dtype(dtype) if dtype != "auto" else teacher.dtype)
 
 
-def check_tokenizers(teacher_tok: PreTrainedTokenizerBase,
-                     student_tok: PreTrainedTokenizerBase) -> int:
+def check_tokenizers(
+    teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase
+) -> int:
     """The shared vocabulary length of two tokenizers that must agree on token ids.
 
     Equal vocabularies share all ids. When one extends the other with added tokens (e.g.
@@ -352,14 +364,16 @@ def check_tokenizers(teacher_tok: PreTrainedTokenizerBase,
         return len(tv)
     small, large = (tv, sv) if len(tv) <= len(sv) else (sv, tv)
     if set(small.values()) == set(range(len(small))) and all(
-            large.get(token) == i for token, i in small.items()):
+        large.get(token) == i for token, i in small.items()
+    ):
         return len(small)
     diff = sorted(set(tv.items()) ^ set(sv.items()))[:3]
     raise ValueError(
         f"teacher tokenizer ({type(teacher_tok).__name__}, {len(tv)} tokens) and student "
         f"tokenizer ({type(student_tok).__name__}, {len(sv)} tokens) disagree on token ids "
         f"(e.g. {diff}); logit distillation needs one tokenizer. Use a student of the "
-        f"teacher's family, or build it with student.init: architecture / teacher_layers.")
+        f"teacher's family, or build it with student.init: architecture / teacher_layers."
+    )
 
 
 def _output_rows(model: Any) -> int:
@@ -389,8 +403,9 @@ def final_hidden(model: nn.Module, unwrapped: PreTrainedModel, **inputs: Tensor)
     captured: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") \
-            else output[0]
+        captured["h"] = (
+            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        )
 
     handle = unwrapped.base_model.register_forward_hook(hook)
     try:

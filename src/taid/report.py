@@ -18,10 +18,14 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         if "eval/teacher_ppl" in after:
             lines.append(f"| teacher | 0 | {_fmt(after['eval/teacher_ppl'])} |")
         if before:
-            lines.append(f"| student before | {_fmt(before.get('eval/kl_teacher_student'))} | "
-                         f"{_fmt(before.get('eval/student_ppl'))} |")
-        lines.append(f"| student after | {_fmt(after.get('eval/kl_teacher_student'))} | "
-                     f"{_fmt(after.get('eval/student_ppl'))} |")
+            lines.append(
+                f"| student before | {_fmt(before.get('eval/kl_teacher_student'))} | "
+                f"{_fmt(before.get('eval/student_ppl'))} |"
+            )
+        lines.append(
+            f"| student after | {_fmt(after.get('eval/kl_teacher_student'))} | "
+            f"{_fmt(after.get('eval/student_ppl'))} |"
+        )
     for sample in result.get("samples", []):
         lines += ["", f"prompt: {sample['prompt']!r}"]
         for who in ("teacher", "student_before", "student_after"):

@@ -53,16 +53,24 @@ class TAIDScheduler:
         num_steps: number of :meth:`step` calls so far.
     """
 
-    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
-                 beta: float = 0.99, total_steps: int | None = None, adaptive: bool = True) -> None:
+    def __init__(
+        self,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+        total_steps: int | None = None,
+        adaptive: bool = True,
+    ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(
                 f"total_steps must be a positive int (the number of optimizer steps of the run, "
                 f"which sets the linear floor of t), got {total_steps!r}"
             )
         if not 0.0 <= t_start <= t_end <= 1.0:
-            raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, "
-                             f"t_end={t_end}")
+            raise ValueError(
+                f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}"
+            )
         if not alpha >= 0.0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if not 0.0 <= beta < 1.0:

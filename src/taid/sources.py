@@ -131,13 +131,16 @@ class TopKTeacher:
 
     def __post_init__(self) -> None:
         if self.log_probs.shape != self.ids.shape or self.log_probs.dim() != 2:
-            raise ValueError(f"log_probs {tuple(self.log_probs.shape)} and ids "
-                             f"{tuple(self.ids.shape)} must both be [N, k]")
+            raise ValueError(
+                f"log_probs {tuple(self.log_probs.shape)} and ids "
+                f"{tuple(self.ids.shape)} must both be [N, k]"
+            )
         if self.ids.is_floating_point():
             raise TypeError(f"ids must be integers, got {self.ids.dtype}")
         if not 0 < self.log_probs.shape[1] <= self.vocab_size:
-            raise ValueError(f"k = {self.log_probs.shape[1]} must be in [1, vocab_size = "
-                             f"{self.vocab_size}]")
+            raise ValueError(
+                f"k = {self.log_probs.shape[1]} must be in [1, vocab_size = {self.vocab_size}]"
+            )
 
     @property
     def width(self) -> int:
@@ -149,8 +152,10 @@ class TopKTeacher:
 
     def rows(self, rows: Rows, width: int) -> Tensor:
         if width != self.vocab_size:
-            raise ValueError(f"a top-k teacher over {self.vocab_size} tokens cannot be sliced to "
-                             f"{width}; store it at the shared vocabulary size")
+            raise ValueError(
+                f"a top-k teacher over {self.vocab_size} tokens cannot be sliced to "
+                f"{width}; store it at the shared vocabulary size"
+            )
         top = take(self.log_probs, rows).float()
         ids = take(self.ids, rows).long()
         k = top.shape[1]
@@ -182,8 +187,10 @@ class ValidRowsTeacher:
     def __post_init__(self) -> None:
         count = int(self.valid.sum())
         if self.source.num_rows != count:
-            raise ValueError(f"the teacher has {self.source.num_rows} rows but the labels have "
-                             f"{count} valid positions; they must correspond one to one")
+            raise ValueError(
+                f"the teacher has {self.source.num_rows} rows but the labels have "
+                f"{count} valid positions; they must correspond one to one"
+            )
         # position -> its row in ``source`` (meaningful at valid positions only)
         self._row_of = torch.cumsum(self.valid, 0) - 1
 
@@ -198,8 +205,11 @@ class ValidRowsTeacher:
     def rows(self, rows: Rows, width: int) -> Tensor:
         if isinstance(rows, slice) and self.source.num_rows == self.num_rows:
             return self.source.rows(rows, width)  # every position valid: the same rows
-        positions = torch.arange(rows.start, rows.stop, device=self.valid.device) \
-            if isinstance(rows, slice) else rows
+        positions = (
+            torch.arange(rows.start, rows.stop, device=self.valid.device)
+            if isinstance(rows, slice)
+            else rows
+        )
         return self.source.rows(self._row_of.index_select(0, positions), width)
 
 
@@ -220,35 +230,47 @@ def from_logits(logits: Tensor, student_shape: torch.Size, what: str) -> LogitsT
             not floating point.
     """
     if not logits.is_floating_point():
-        raise TypeError(f"teacher_logits must be a floating-point tensor, got dtype "
-                        f"{logits.dtype}")
+        raise TypeError(f"teacher_logits must be a floating-point tensor, got dtype {logits.dtype}")
     leading = student_shape[:-1]
     if logits.shape[:-1] != leading:
-        raise ValueError(f"student {what} {tuple(student_shape)} and teacher logits "
-                         f"{tuple(logits.shape)} must have the same shape except the last "
-                         f"(vocabulary) dimension")
+        raise ValueError(
+            f"student {what} {tuple(student_shape)} and teacher logits "
+            f"{tuple(logits.shape)} must have the same shape except the last "
+            f"(vocabulary) dimension"
+        )
     return LogitsTeacher(logits.detach().reshape(math.prod(leading), logits.shape[-1]))
 
 
-def from_hidden(hidden: Tensor, weight: Tensor, bias: Tensor | None, student_shape: torch.Size,
-                what: str) -> LinearTeacher:
+def from_hidden(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, student_shape: torch.Size, what: str
+) -> LinearTeacher:
     """A source over teacher hidden states ``[..., H_T]`` and output layer
     ``weight [V_T, H_T]`` (+ ``bias [V_T]``), all detached, for the student's ``what`` of shape
     ``student_shape``."""
     leading = student_shape[:-1]
     if hidden.shape[:-1] != leading:
-        raise ValueError(f"student {what} {tuple(student_shape)} and teacher hidden states "
-                         f"{tuple(hidden.shape)} must have the same shape except the last "
-                         f"dimension")
+        raise ValueError(
+            f"student {what} {tuple(student_shape)} and teacher hidden states "
+            f"{tuple(hidden.shape)} must have the same shape except the last "
+            f"dimension"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"teacher_weight {tuple(weight.shape)} must be [V_T, H_T] with H_T = "
-                         f"the teacher hidden size {hidden.shape[-1]}")
+        raise ValueError(
+            f"teacher_weight {tuple(weight.shape)} must be [V_T, H_T] with H_T = "
+            f"the teacher hidden size {hidden.shape[-1]}"
+        )
     flat = hidden.detach().reshape(math.prod(leading), hidden.shape[-1])
     return LinearTeacher(flat, weight.detach(), None if bias is None else bias.detach())
 
 
-def as_source(teacher: TeacherLike, student_shape: torch.Size, what: str, *,
-              weight: Tensor | None = None, bias: Tensor | None = None) -> TeacherSource:
+def as_source(
+    teacher: TeacherLike,
+    student_shape: torch.Size,
+    what: str,
+    *,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> TeacherSource:
     """The source for a public ``teacher`` argument: a source as it is, hidden states when
     ``weight`` is given, else logits.
 
@@ -261,13 +283,15 @@ def as_source(teacher: TeacherLike, student_shape: torch.Size, what: str, *,
         return from_hidden(teacher, weight, bias, student_shape, what)
     if isinstance(teacher, TeacherSource):
         return teacher
-    raise TypeError(f"teacher must be a tensor or a taid.sources.TeacherSource, got "
-                    f"{type(teacher).__name__}")
+    raise TypeError(
+        f"teacher must be a tensor or a taid.sources.TeacherSource, got {type(teacher).__name__}"
+    )
 
 
 @torch.no_grad()
-def from_model(model: Any, inputs: dict[str, Tensor], *, fused: bool,
-               unwrapped: Any = None) -> TeacherSource:
+def from_model(
+    model: Any, inputs: dict[str, Tensor], *, fused: bool, unwrapped: Any = None
+) -> TeacherSource:
     """Run a teacher model on a batch's ``inputs`` and return its rows: its last hidden states
     and output layer when ``fused`` (the logits are then never materialised), else its logits.
 
@@ -285,8 +309,10 @@ def from_model(model: Any, inputs: dict[str, Tensor], *, fused: bool,
     else:
         out = model(**inputs, use_cache=False).logits
     if not torch.isfinite(out).all():
-        raise FloatingPointError("the teacher's outputs contain NaN or inf (check "
-                                 "teacher.dtype and train.mixed_precision)")
+        raise FloatingPointError(
+            "the teacher's outputs contain NaN or inf (check "
+            "teacher.dtype and train.mixed_precision)"
+        )
     flat = out.reshape(-1, out.shape[-1])
     if fused:
         weight, bias = M.plain_linear_head(plain)
@@ -308,8 +334,9 @@ def exact_logits(source: TeacherSource, width: int) -> Callable[[slice], Tensor]
         logits = source.logits
         return lambda rows: logits[rows, :width].float()
     if not isinstance(source, LinearTeacher):
-        raise TypeError(f"exact logits need dense logits or hidden states, got "
-                        f"{type(source).__name__}")
+        raise TypeError(
+            f"exact logits need dense logits or hidden states, got {type(source).__name__}"
+        )
     hidden, weight = source.hidden, source.weight[:width]
     bias = None if source.bias is None else source.bias[:width]
     if hidden.device.type != "cpu":
@@ -319,8 +346,9 @@ def exact_logits(source: TeacherSource, width: int) -> Callable[[slice], Tensor]
     return lambda rows: F.linear(hidden[rows].double(), weight64, bias64).float()
 
 
-def explain_infinite(student: Tensor, teacher: Tensor | None, label: int | None,
-                     divergence: str | None) -> str:
+def explain_infinite(
+    student: Tensor, teacher: Tensor | None, label: int | None, divergence: str | None
+) -> str:
     """Why one token's loss is infinite, from its finite student and teacher logit rows
     (``[V]``, masked slots at :data:`~taid.divergences.MASKED_LOGIT`)."""
     s_masked = student <= D.MASKED_LOGIT
@@ -330,15 +358,21 @@ def explain_infinite(student: Tensor, teacher: Tensor | None, label: int | None,
         only_student = (s_masked & ~t_masked).nonzero().flatten()[:5].tolist()
         only_teacher = (t_masked & ~s_masked).nonzero().flatten()[:5].tolist()
         if only_student:
-            reasons.append(f"the student's logits are -inf at vocabulary ids {only_student} where "
-                           f"the teacher's are not (the teacher gives them probability)")
+            reasons.append(
+                f"the student's logits are -inf at vocabulary ids {only_student} where "
+                f"the teacher's are not (the teacher gives them probability)"
+            )
         if only_teacher:
-            reasons.append(f"the teacher's logits are -inf at vocabulary ids {only_teacher} where "
-                           f"the student's are not (the student gives them probability)")
+            reasons.append(
+                f"the teacher's logits are -inf at vocabulary ids {only_teacher} where "
+                f"the student's are not (the student gives them probability)"
+            )
     if label is not None and bool(s_masked[label]):
         reasons.append(f"the label {label} is a slot the student's logits mask (-inf)")
     why = "; ".join(reasons) or "a vocabulary slot is masked (-inf) on one side only"
-    return (f"the {divergence or 'cross-entropy'} loss is infinite for this token: {why}. A slot "
-            f"masked on one side only makes forward KL (student masked), reverse KL (teacher "
-            f"masked) and their mixes infinite; mask the same slots in both, or slice padding "
-            f"rows with vocab_size")
+    return (
+        f"the {divergence or 'cross-entropy'} loss is infinite for this token: {why}. A slot "
+        f"masked on one side only makes forward KL (student masked), reverse KL (teacher "
+        f"masked) and their mixes infinite; mask the same slots in both, or slice padding "
+        f"rows with vocab_size"
+    )

@@ -33,12 +33,21 @@ from taid.losses import DistillationLoss, build_loss
 
 # Keys that do not change what a run computes: a run may be resumed with other values, and
 # from another place (a moved or copied output_dir).
-_IGNORED_CONFIG_KEYS = {("output_dir",), ("resume",), ("overwrite",), ("log",),
-                        ("train", "eval_every"), ("train", "eval_batches"),
-                        ("train", "save_every"), ("train", "keep_checkpoints"),
-                        ("train", "log_every"), ("train", "num_workers"),
-                        ("teacher", "cache_dir"), ("cache", "overwrite"),
-                        ("cache", "batch_size")}
+_IGNORED_CONFIG_KEYS = {
+    ("output_dir",),
+    ("resume",),
+    ("overwrite",),
+    ("log",),
+    ("train", "eval_every"),
+    ("train", "eval_batches"),
+    ("train", "save_every"),
+    ("train", "keep_checkpoints"),
+    ("train", "log_every"),
+    ("train", "num_workers"),
+    ("teacher", "cache_dir"),
+    ("cache", "overwrite"),
+    ("cache", "batch_size"),
+}
 
 
 @dataclass
@@ -85,7 +94,8 @@ def _check_same_run(checkpoint: Path, config: Config) -> None:
         raise ConfigError(
             f"checkpoint {checkpoint} was written by a run with a different config "
             f"({_describe(first_difference(saved, now))}); resume with the same settings, use "
-            f"another output_dir, or overwrite=true to start over")
+            f"another output_dir, or overwrite=true to start over"
+        )
 
 
 def _describe(diff: tuple[str, Any, Any] | None) -> str:
@@ -108,16 +118,24 @@ def check_output_dir(config: Config) -> Path | None:
         path = Path(str(config.resume))
         _check_same_run(path, config)
         return path
-    found = sorted((p for p in root.iterdir() if p.is_dir() and CK.step_of(p) is not None),
-                   key=lambda p: CK.step_of(p) or 0) if root.is_dir() else []
+    found = (
+        sorted(
+            (p for p in root.iterdir() if p.is_dir() and CK.step_of(p) is not None),
+            key=lambda p: CK.step_of(p) or 0,
+        )
+        if root.is_dir()
+        else []
+    )
     if not found:
         return None
     if config.overwrite:
         shutil.rmtree(root, ignore_errors=True)
         return None
     if config.resume is False:
-        raise ConfigError(f"output_dir {str(out)!r} already holds checkpoints; use resume=auto "
-                          f"to continue, another output_dir, or overwrite=true to start over")
+        raise ConfigError(
+            f"output_dir {str(out)!r} already holds checkpoints; use resume=auto "
+            f"to continue, another output_dir, or overwrite=true to start over"
+        )
     complete = [p for p in found if CK.is_complete(p)]
     if not complete:
         CK.verify(found[-1])  # raises why: an old format, or incomplete
@@ -128,10 +146,18 @@ def check_output_dir(config: Config) -> Path | None:
 def save_checkpoint(s: Setup, state: TrainState) -> Path:
     """Write ``output_dir/checkpoints/step-N`` (atomic, checksummed; see taid.checkpoint) and
     keep the newest ``train.keep_checkpoints``."""
-    return CK.save(s.accelerator, Path(s.config.output_dir) / "checkpoints", state.step,
-                   model=s.student, optimizer=s.optimizer, scheduler=s.scheduler,
-                   loss=s.loss_fn, train_state=state.state_dict(),
-                   run=run_identity(s.config), keep=s.config.train.keep_checkpoints)
+    return CK.save(
+        s.accelerator,
+        Path(s.config.output_dir) / "checkpoints",
+        state.step,
+        model=s.student,
+        optimizer=s.optimizer,
+        scheduler=s.scheduler,
+        loss=s.loss_fn,
+        train_state=state.state_dict(),
+        run=run_identity(s.config),
+        keep=s.config.train.keep_checkpoints,
+    )
 
 
 def load_checkpoint(s: Setup, path: Path, state: TrainState) -> Path:
@@ -144,17 +170,27 @@ def load_checkpoint(s: Setup, path: Path, state: TrainState) -> Path:
     errors = []
     for candidate in candidates:
         try:
-            state.load_state_dict(CK.load(acc, candidate, model=s.student,
-                                          optimizer=s.optimizer, scheduler=s.scheduler,
-                                          loss=s.loss_fn))
+            state.load_state_dict(
+                CK.load(
+                    acc,
+                    candidate,
+                    model=s.student,
+                    optimizer=s.optimizer,
+                    scheduler=s.scheduler,
+                    loss=s.loss_fn,
+                )
+            )
             return candidate
         except (CK.CheckpointError, RuntimeError, ValueError, KeyError, OSError) as e:
             errors.append(f"{candidate}: {e}")
-            acc.print(f"warning: checkpoint {candidate} could not be loaded ({e})"
-                      + ("; trying an older one" if candidate != candidates[-1] else ""))
+            acc.print(
+                f"warning: checkpoint {candidate} could not be loaded ({e})"
+                + ("; trying an older one" if candidate != candidates[-1] else "")
+            )
     raise CK.CheckpointError(
         "no checkpoint could be loaded, so the run stops instead of starting again from step "
-        "0:\n" + "\n".join(errors) + "\nuse overwrite=true to start over")
+        "0:\n" + "\n".join(errors) + "\nuse overwrite=true to start over"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,12 +227,20 @@ def teacher_source(s: Setup, batch: dict[str, Tensor]) -> S.TeacherSource:
     logits."""
     if s.cache is not None:
         return s.cache.source(batch["example_ids"], batch["labels"])
-    return S.from_model(s.teacher, model_inputs(batch), fused=s.teacher_fused,
-                        unwrapped=s.accelerator.unwrap_model(s.teacher))
+    return S.from_model(
+        s.teacher,
+        model_inputs(batch),
+        fused=s.teacher_fused,
+        unwrapped=s.accelerator.unwrap_model(s.teacher),
+    )
 
 
-def batch_loss(s: Setup, batch: dict[str, Tensor], loss_fn: DistillationLoss,
-               teacher: S.TeacherSource | None = None) -> Any:
+def batch_loss(
+    s: Setup,
+    batch: dict[str, Tensor],
+    loss_fn: DistillationLoss,
+    teacher: S.TeacherSource | None = None,
+) -> Any:
     """The summed loss of one micro-batch (``reduction="sum"``) with its parts; ``teacher``
     is computed here when not given."""
     if loss_fn.divergence is not None and teacher is None:
@@ -219,15 +263,23 @@ def evaluate(s: Setup) -> dict[str, float]:
     if not s.eval_examples:
         return {}
     s.student.eval()
-    common = dict(reduction="sum", vocab_size=s.vocab_size,
-                  implementation="chunked" if s.loss_fn.implementation != "eager" else "eager")
+    common = dict(
+        reduction="sum",
+        vocab_size=s.vocab_size,
+        implementation="chunked" if s.loss_fn.implementation != "eager" else "eager",
+    )
     kl_fn = build_loss("fkl", **common)
     ce_fn = build_loss("sft", **common)
     totals = torch.zeros(5, dtype=torch.float64, device=acc.device)
-    batches = D.eval_batches(s.eval_examples, s.config.train.batch_size,
-                             s.tokenizer.pad_token_id, s.config.data.packing,
-                             rank=acc.process_index, world_size=acc.num_processes,
-                             limit=s.config.train.eval_batches)
+    batches = D.eval_batches(
+        s.eval_examples,
+        s.config.train.batch_size,
+        s.tokenizer.pad_token_id,
+        s.config.data.packing,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        limit=s.config.train.eval_batches,
+    )
     has_teacher = s.teacher is not None or s.cache is not None
     for batch in batches:
         batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -247,15 +299,21 @@ def evaluate(s: Setup) -> dict[str, float]:
     totals = acc.reduce(totals, reduction="sum")
     s.student.train()
     n = max(totals[0].item(), 1.0)
-    metrics = {"eval/student_ce": totals[1].item() / n,
-               "eval/student_ppl": math.exp(min(totals[1].item() / n, 50.0)),
-               "eval/tokens": totals[0].item()}
+    metrics = {
+        "eval/student_ce": totals[1].item() / n,
+        "eval/student_ppl": math.exp(min(totals[1].item() / n, 50.0)),
+        "eval/tokens": totals[0].item(),
+    }
     if has_teacher:
         if s.loss_fn.divergence is not None:
             metrics["eval/distill"] = totals[2].item() / n
-        metrics.update({"eval/kl_teacher_student":
-                        totals[3].item() / n, "eval/teacher_ce": totals[4].item() / n,
-                        "eval/teacher_ppl": math.exp(min(totals[4].item() / n, 50.0))})
+        metrics.update(
+            {
+                "eval/kl_teacher_student": totals[3].item() / n,
+                "eval/teacher_ce": totals[4].item() / n,
+                "eval/teacher_ppl": math.exp(min(totals[4].item() / n, 50.0)),
+            }
+        )
     if hasattr(s.loss_fn, "t"):
         metrics["eval/t"] = s.loss_fn.t
     return metrics
@@ -283,8 +341,22 @@ def build(config: Config) -> Setup:
         train_examples = D.pack(train_examples, config.data.max_length)
         eval_examples = D.pack(eval_examples, config.data.max_length)
     student, teacher, optimizer, scheduler = _prepare(config, accelerator, student, teacher)
-    return Setup(accelerator, config, tokenizer, teacher, student, loss_fn, fused, teacher_fused,
-                 train_examples, eval_examples, vocab_size, optimizer, scheduler, cache)
+    return Setup(
+        accelerator,
+        config,
+        tokenizer,
+        teacher,
+        student,
+        loss_fn,
+        fused,
+        teacher_fused,
+        train_examples,
+        eval_examples,
+        vocab_size,
+        optimizer,
+        scheduler,
+        cache,
+    )
 
 
 def _sharded(accelerator: Any) -> bool:
@@ -307,33 +379,39 @@ def _setup_accelerator(config: Config) -> Any:
         step_scheduler_with_optimizer=False,
         mixed_precision=config.train.mixed_precision,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                            logging_dir=str(Path(config.output_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+        ),
     )
     M.check_distribution(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and config.train.save_every:
-        raise ConfigError("train.save_every: checkpoints are not supported under DeepSpeed (its "
-                          "engine keeps the optimizer state in its own pickled format, which "
-                          "taid never loads); set train.save_every=0, or use FSDP")
+        raise ConfigError(
+            "train.save_every: checkpoints are not supported under DeepSpeed (its "
+            "engine keeps the optimizer state in its own pickled format, which "
+            "taid never loads); set train.save_every=0, or use FSDP"
+        )
     set_seed(config.seed)
     return accelerator
 
 
-def _setup_data(config: Config, tokenizer: Any
-                ) -> tuple[list[D.Example], list[D.Example], list[D.Example]]:
+def _setup_data(
+    config: Config, tokenizer: Any
+) -> tuple[list[D.Example], list[D.Example], list[D.Example]]:
     """Training and held-out examples, and all examples in the cache's numbering. Data come
     first: their errors (missing file, empty, too long) cost no model loading."""
     train_examples, eval_examples = D.load_examples(config.data, tokenizer)
     all_examples = train_examples + eval_examples
     if not eval_examples:
         eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
-        train_examples, eval_examples = D.split_eval(train_examples, config.data.eval_size,
-                                                     eval_seed)
+        train_examples, eval_examples = D.split_eval(
+            train_examples, config.data.eval_size, eval_seed
+        )
     return train_examples, eval_examples, all_examples
 
 
-def _setup_cache(config: Config, tokenizer: Any, examples: list[D.Example]
-                 ) -> T.TeacherCache | None:
+def _setup_cache(
+    config: Config, tokenizer: Any, examples: list[D.Example]
+) -> T.TeacherCache | None:
     """The teacher cache, checked against this run's tokenizer and data before any model
     loads (with loss sft it only serves the held-out metrics: KL to the teacher, its
     perplexity)."""
@@ -347,8 +425,9 @@ def _setup_cache(config: Config, tokenizer: Any, examples: list[D.Example]
     return cache
 
 
-def _setup_models(config: Config, tokenizer: Any, cache: T.TeacherCache | None
-                  ) -> tuple[Any, Any, int]:
+def _setup_models(
+    config: Config, tokenizer: Any, cache: T.TeacherCache | None
+) -> tuple[Any, Any, int]:
     """Teacher (None when not needed), student and the run's vocabulary length. With a cache
     the teacher is loaded only to cut the student from it."""
     teacher = None
@@ -364,20 +443,23 @@ def _setup_models(config: Config, tokenizer: Any, cache: T.TeacherCache | None
     vocab = len(tokenizer)
     if s_cfg.init == "teacher_layers":
         assert teacher is not None and s_cfg.layers is not None  # validated
-        student = M.student_from_teacher_layers(teacher,  # type: ignore[arg-type]
-                                                s_cfg.layers, s_cfg.dtype)
+        student = M.student_from_teacher_layers(
+            teacher,  # type: ignore[arg-type]
+            s_cfg.layers,
+            s_cfg.dtype,
+        )
     else:
         student = M.load_model(s_cfg)
         if s_cfg.init == "pretrained":
             source = s_cfg.tokenizer or s_cfg.name_or_path
             assert source is not None  # validated: a pretrained student names its weights
-            vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(source,
-                                                                   s_cfg.trust_remote_code))
+            vocab = M.check_tokenizers(tokenizer, M.load_tokenizer(source, s_cfg.trust_remote_code))
     return (teacher if needs_teacher else None), student, vocab
 
 
-def _shared_vocab(teacher: Any, student: Any, vocab: int, cache: T.TeacherCache | None
-                  ) -> int | None:
+def _shared_vocab(
+    teacher: Any, student: Any, vocab: int, cache: T.TeacherCache | None
+) -> int | None:
     """The width both sides are sliced to; a cache must cover the run's vocabulary."""
     vocab_size = M.shared_vocab_size(teacher, student, vocab)
     if cache is None:
@@ -387,23 +469,25 @@ def _shared_vocab(teacher: Any, student: Any, vocab: int, cache: T.TeacherCache 
             f"teacher cache {cache.root}: vocab_size differs (cache: {cache.vocab_size}, "
             f"this run distils over {vocab} ids); a {cache.mode} cache serves a run over "
             f"{'exactly its' if cache.mode == 'topk' else 'at most its'} vocabulary: "
-            f"rewrite it with this run's tokenizer")
+            f"rewrite it with this run's tokenizer"
+        )
     return vocab
 
 
-def _check_token_ids(teacher: Any, student: Any, vocab: int,
-                     examples: list[D.Example]) -> None:
-    rows_in = min(m.get_input_embeddings().weight.shape[0] for m in (teacher, student)
-                  if m is not None)
+def _check_token_ids(teacher: Any, student: Any, vocab: int, examples: list[D.Example]) -> None:
+    rows_in = min(
+        m.get_input_embeddings().weight.shape[0] for m in (teacher, student) if m is not None
+    )
     top = max(max(ex.input_ids) for ex in examples)
     if top >= min(rows_in, vocab):
-        raise ConfigError(f"the data has token id {top}, beyond the shared vocabulary "
-                          f"({vocab}) or an embedding ({rows_in} rows); tokenize with the "
-                          f"smaller model's tokenizer (teacher.tokenizer)")
+        raise ConfigError(
+            f"the data has token id {top}, beyond the shared vocabulary "
+            f"({vocab}) or an embedding ({rows_in} rows); tokenize with the "
+            f"smaller model's tokenizer (teacher.tokenizer)"
+        )
 
 
-def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any
-               ) -> tuple[bool, bool]:
+def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any) -> tuple[bool, bool]:
     """Whether the student's loss is fused with its output layer, and whether the teacher's
     logits are rebuilt from its hidden states (both need a plain, unsharded linear head)."""
     impl = config.loss.implementation
@@ -416,8 +500,10 @@ def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any
                 raise ConfigError(f"loss.implementation=fused: {e}") from None
             fused_ok = False
     elif impl == "fused":
-        raise ConfigError("loss.implementation=fused needs an unsharded output layer; under "
-                          "FSDP or DeepSpeed use chunked")
+        raise ConfigError(
+            "loss.implementation=fused needs an unsharded output layer; under "
+            "FSDP or DeepSpeed use chunked"
+        )
     fused = impl == "fused" or (impl == "auto" and fused_ok)
     teacher_fused = False
     if teacher is not None and fused:  # (fused implies unsharded)
@@ -438,17 +524,24 @@ def _setup_loss(config: Config, vocab_size: int | None) -> DistillationLoss:
     return build_loss(config.loss.name, reduction="sum", implementation=impl, **loss_kwargs)
 
 
-def _prepare(config: Config, accelerator: Any, student: Any, teacher: Any
-             ) -> tuple[Any, Any, Any, Any]:
+def _prepare(
+    config: Config, accelerator: Any, student: Any, teacher: Any
+) -> tuple[Any, Any, Any, Any]:
     """Optimizer and LR schedule; devices, precision and distribution through accelerate."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr,
-                                  betas=(config.train.betas[0], config.train.betas[1]),
-                                  weight_decay=config.train.weight_decay)
-    scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
-                              num_warmup_steps=config.train.warmup_steps,
-                              num_training_steps=config.train.max_steps)
+    optimizer = torch.optim.AdamW(
+        student.parameters(),
+        lr=config.train.lr,
+        betas=(config.train.betas[0], config.train.betas[1]),
+        weight_decay=config.train.weight_decay,
+    )
+    scheduler = get_scheduler(
+        config.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.train.warmup_steps,
+        num_training_steps=config.train.max_steps,
+    )
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if teacher is not None:
         if _sharded(accelerator):  # shard the teacher like the student, not one per rank
@@ -469,9 +562,15 @@ def train(config: Config) -> dict[str, Any]:
     acc, cfg = s.accelerator, config.train
     optimizer, scheduler = s.optimizer, s.scheduler
     state = TrainState()
-    stream = D.BatchStream(s.train_examples, cfg.batch_size, seed=config.seed,
-                           pad_id=s.tokenizer.pad_token_id, packed=config.data.packing,
-                           rank=acc.process_index, world_size=acc.num_processes)
+    stream = D.BatchStream(
+        s.train_examples,
+        cfg.batch_size,
+        seed=config.seed,
+        pad_id=s.tokenizer.pad_token_id,
+        packed=config.data.packing,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
 
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -494,10 +593,12 @@ def train(config: Config) -> dict[str, Any]:
         for prompt in prompts:
             row = {"prompt": s.tokenizer.decode(prompt)}
             if s.teacher is not None:
-                row["teacher"] = greedy(acc.unwrap_model(s.teacher), s.tokenizer, prompt,
-                                        config.log.sample_tokens)
-            row["student_before"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
-                                           config.log.sample_tokens)
+                row["teacher"] = greedy(
+                    acc.unwrap_model(s.teacher), s.tokenizer, prompt, config.log.sample_tokens
+                )
+            row["student_before"] = greedy(
+                acc.unwrap_model(s.student), s.tokenizer, prompt, config.log.sample_tokens
+            )
             samples.append(row)
 
     progress = None
@@ -511,17 +612,21 @@ def train(config: Config) -> dict[str, Any]:
     while state.step < cfg.max_steps:
         step = state.step
         step_start = time.perf_counter()
-        micro = [{k: v.to(acc.device) for k, v in next(batches).items()}
-                 for _ in range(cfg.grad_accum)]
+        micro = [
+            {k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)
+        ]
         # Cached teacher rows are read here, so that the data wait below includes them.
-        cached = [teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
-                  for b in micro]
+        cached = [
+            teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
+            for b in micro
+        ]
         data_s = time.perf_counter() - step_start
         # The denominator: valid tokens of the whole optimizer step, all micro-batches, all ranks.
         ignore = s.loss_fn.ignore_index  # == D.IGNORE_INDEX, what the collator writes
         local_tokens = sum(int((b["labels"] != ignore).sum()) for b in micro)
-        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device),
-                                       reduction="sum").item())
+        global_tokens = int(
+            acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
+        )
         scale = acc.num_processes / max(global_tokens, 1)  # DDP averages over ranks
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, distill, ce
         for i, batch in enumerate(micro):
@@ -533,12 +638,17 @@ def train(config: Config) -> dict[str, Any]:
                     raise FloatingPointError(
                         f"non-finite loss ({out.loss.item()}) at step {step}, micro-batch {i}; "
                         f"the student's outputs contain NaN or inf (lower train.lr, check "
-                        f"train.mixed_precision, or resume from the last checkpoint)")
+                        f"train.mixed_precision, or resume from the last checkpoint)"
+                    )
                 acc.backward(out.loss * scale)
             zero = out.loss.new_zeros(())
-            sums += torch.stack([out.loss.detach(),
-                                 out.distill if out.distill is not None else zero,
-                                 out.ce if out.ce is not None else zero]).double()
+            sums += torch.stack(
+                [
+                    out.loss.detach(),
+                    out.distill if out.distill is not None else zero,
+                    out.ce if out.ce is not None else zero,
+                ]
+            ).double()
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(s.student.parameters(), cfg.max_grad_norm)
@@ -553,10 +663,15 @@ def train(config: Config) -> dict[str, Any]:
         state.step += 1
         state.data = stream.state_dict()
         tokens_seen += global_tokens
-        record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                  "tokens": global_tokens,
-                  "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
-                  "step_s": time.perf_counter() - step_start, "data_s": data_s}
+        record = {
+            "step": state.step,
+            "loss": loss_value,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": global_tokens,
+            "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+            "step_s": time.perf_counter() - step_start,
+            "data_s": data_s,
+        }
         if s.loss_fn.divergence:
             record["distill"] = distill_value
         if s.loss_fn.distill_weight < 1.0 and s.loss_fn.divergence:
@@ -569,8 +684,11 @@ def train(config: Config) -> dict[str, Any]:
             _log(acc, metrics_path, record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", t=f"{schedule.get('t', 0):.3f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(
+                loss=f"{loss_value:.4f}",
+                t=f"{schedule.get('t', 0):.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             _log(acc, metrics_path, {"step": state.step, **evaluate(s)})
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
@@ -581,8 +699,9 @@ def train(config: Config) -> dict[str, Any]:
     after = evaluate(s)
     _log(acc, metrics_path, {"step": state.step, **after})
     for row, prompt in zip(samples, prompts):
-        row["student_after"] = greedy(acc.unwrap_model(s.student), s.tokenizer, prompt,
-                                      config.log.sample_tokens)
+        row["student_after"] = greedy(
+            acc.unwrap_model(s.student), s.tokenizer, prompt, config.log.sample_tokens
+        )
     if not _deepspeed(s):  # see build(): no checkpoints under DeepSpeed
         save_checkpoint(s, state)
     final_dir = save_final(s, state.step)
@@ -590,8 +709,15 @@ def train(config: Config) -> dict[str, Any]:
         if config.log.plot:
             plot_history(state.history, out_dir / "loss_and_t.png")
     acc.end_training()
-    return {"before": before, "after": after, "steps": state.step, "final_dir": str(final_dir),
-            "samples": samples, "is_main_process": acc.is_main_process, "setup": s}
+    return {
+        "before": before,
+        "after": after,
+        "steps": state.step,
+        "final_dir": str(final_dir),
+        "samples": samples,
+        "is_main_process": acc.is_main_process,
+        "setup": s,
+    }
 
 
 def _deepspeed(s: Setup) -> bool:
@@ -652,7 +778,7 @@ def sample_prompts(examples: list[D.Example], n: int) -> list[list[int]]:
     prompts = []
     for ex in examples[:n]:
         first = next((i for i, t in enumerate(ex.targets) if t), len(ex.targets))
-        prompts.append(ex.input_ids[:max(first, 1)])
+        prompts.append(ex.input_ids[: max(first, 1)])
     return prompts
 
 
@@ -663,10 +789,15 @@ def greedy(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int) -
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -691,8 +822,7 @@ def _log(acc: Any, path: Path, record: dict[str, Any]) -> None:
     elif "loss" in record:
         rank_path = path.with_name(f"metrics.rank{acc.process_index}.jsonl")
         with rank_path.open("a") as f:
-            f.write(json.dumps({k: record[k] for k in ("step", "loss", "t") if k in record})
-                    + "\n")
+            f.write(json.dumps({k: record[k] for k in ("step", "loss", "t") if k in record}) + "\n")
     acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
@@ -710,8 +840,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> bool:
     ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss", color="tab:blue")
-    ax.set_title("training loss and TAID's t" if history and "t" in history[0]
-                 else "training loss")
+    ax.set_title("training loss and TAID's t" if history and "t" in history[0] else "training loss")
     if history and "t" in history[0]:
         ax2 = ax.twinx()
         ax2.plot(steps, [h["t"] for h in history], color="tab:red", label="t")

@@ -65,17 +65,25 @@ class TAIDTrainerMixin(_TrainerBase):
     and replaces its loss. Arguments as :class:`TAIDTrainer`.
     """
 
-    def __init__(self, *args: Any, teacher_model: nn.Module | None = None,
-                 loss: str | DistillationLoss = "taid", loss_kwargs: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        teacher_model: nn.Module | None = None,
+        loss: str | DistillationLoss = "taid",
+        loss_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._loss_spec = loss
         self._loss_kwargs = dict(loss_kwargs or {})
         self.loss_fn: DistillationLoss | None = loss if isinstance(loss, DistillationLoss) else None
         # fail on bad loss settings now, not when training starts
         self._check_loss(self.loss_fn or self._new_loss(1))
-        if teacher_model is None and (self.loss_fn is None or self.loss_fn.divergence) \
-                and loss != "sft":
+        if (
+            teacher_model is None
+            and (self.loss_fn is None or self.loss_fn.divergence)
+            and loss != "sft"
+        ):
             raise ValueError(f"loss {loss!r} needs teacher_model")
         self.teacher = teacher_model
         if self.teacher is not None:
@@ -92,8 +100,10 @@ class TAIDTrainerMixin(_TrainerBase):
     @staticmethod
     def _check_loss(loss_fn: DistillationLoss | None) -> None:
         if loss_fn is not None and loss_fn.ignore_index != -100:
-            raise ValueError("the Trainer counts num_items_in_batch over labels != -100; use "
-                             "ignore_index=-100 with TAIDTrainer")
+            raise ValueError(
+                "the Trainer counts num_items_in_batch over labels != -100; use "
+                "ignore_index=-100 with TAIDTrainer"
+            )
 
     def _new_loss(self, total_steps: int) -> DistillationLoss:
         kwargs = dict(self._loss_kwargs)
@@ -113,8 +123,13 @@ class TAIDTrainerMixin(_TrainerBase):
             self.loss_fn.scheduler.load_state_dict(state)
             self._pending_state = None
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
         # before training starts (an early evaluate()), a loss at the schedule's start
         loss_fn = self.loss_fn or self._new_loss(1)
         loss_fn.reduction = "sum"
@@ -143,12 +158,14 @@ class TAIDTrainerMixin(_TrainerBase):
         else:
             denominator = num_items_in_batch
             # as the Trainer does: num_items_in_batch counts every device, DDP averages
-            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices \
-                else 1.0
+            scale = (
+                self.accelerator.num_processes if self.args.average_tokens_across_devices else 1.0
+            )
         loss = out.loss * scale / denominator
         if model.training and out.distill is not None:
-            self._step_sums += torch.tensor([float(out.distill), float(out.num_tokens)],
-                                            dtype=torch.float64)
+            self._step_sums += torch.tensor(
+                [float(out.distill), float(out.num_tokens)], dtype=torch.float64
+            )
         return (loss, outputs) if return_outputs else loss
 
     # -- schedule ----------------------------------------------------------------------------
@@ -175,13 +192,15 @@ class TAIDTrainerMixin(_TrainerBase):
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        folder = os.path.join(self._get_output_dir(trial=trial),
-                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump(sched.state_dict(), f)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None
-                              ) -> None:
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if not os.path.isfile(path):
