@@ -30,7 +30,7 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[keep] * (torch.log(a[keep]) - torch.log(b[keep]))).sum()
 
 
-def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict) -> torch.Tensor:
+def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict, label=None) -> torch.Tensor:
     q = _softmax(s)
     p = _softmax(z)
     if name == "taid":
@@ -72,24 +72,46 @@ def _ref_row(name: str, s: torch.Tensor, z: torch.Tensor, params: dict) -> torch
         gh, gt = gap[head].sum(), gap[~head].sum()
         wh, wt = gh / (gh + gt), gt / (gh + gt)
         return wh * _kl(p, q) + wt * _kl(q, p)
+    if name == "dkd":
+        # binary target / rest distributions, and the distributions over the other tokens
+        y = int(label)
+        rest = torch.ones(len(p), dtype=torch.bool)
+        rest[y] = False
+        b_p = torch.stack([p[y], p[rest].sum()])
+        b_q = torch.stack([q[y], q[rest].sum()])
+        p_hat, q_hat = p[rest] / p[rest].sum(), q[rest] / q[rest].sum()
+        return params["alpha"] * _kl(b_p, b_q) + params["beta"] * _kl(p_hat, q_hat)
     raise KeyError(
         f"no naive float64 reference for divergence {name!r}: add its formula to "
         f"tests/reference.py (_ref_row); every loss is checked against one"
     )
 
 
-def reference(name, student, teacher, labels, params, ignore_index=-100, reduction="mean"):
-    """Loss of float64 copies, looping over every position."""
+def reference(
+    name,
+    student,
+    teacher,
+    labels,
+    params,
+    ignore_index=-100,
+    reduction="mean",
+    temperature=1.0,
+    temperature_scaling=False,
+):
+    """Loss of float64 copies, looping over every position; the divergence sees the logits
+    divided by ``temperature`` (times its square with ``temperature_scaling``)."""
     V = student.shape[-1]
-    s_all = student.reshape(-1, V)
-    z_all = teacher.detach().double().reshape(-1, V)
+    s_all = student.reshape(-1, V) / temperature
+    z_all = teacher.detach().double().reshape(-1, V) / temperature
+    factor = temperature**2 if temperature_scaling else 1.0
     lab = None if labels is None else labels.reshape(-1)
     per_pos = []
     for i in range(s_all.shape[0]):
         if lab is not None and lab[i].item() == ignore_index:
             per_pos.append(s_all.new_zeros(()))
         else:
-            per_pos.append(_ref_row(name, s_all[i], z_all[i], params))
+            label = None if lab is None else lab[i]
+            per_pos.append(factor * _ref_row(name, s_all[i], z_all[i], params, label))
     per_pos = torch.stack(per_pos)
     n_valid = s_all.shape[0] if lab is None else int((lab != ignore_index).sum())
     if reduction == "sum":

@@ -19,7 +19,7 @@ from taid import data as D
 from taid import functional as TF
 from taid import trainer as TR
 from taid.config import load_config
-from taid.losses import LOSSES, build_loss
+from taid.losses import LOSSES, build_loss, loss_parameters
 from taid.sources import TopKTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,12 +171,15 @@ def test_exact_modes_give_the_online_loss_for_every_registered_loss(tmp_path, mo
     assert online.fused is fused and cached.cache is not None and cached.teacher is None
     batch = first_batch(online)
     for name in LOSSES:
-        kwargs = {"total_steps": 10} if name == "taid" else {}
+        kwargs = {"total_steps": 10} if "total_steps" in loss_parameters(name) else {}
         loss_fn = build_loss(name, reduction="sum", vocab_size=online.vocab_size, **kwargs)
         want = TR.batch_loss(online, batch, loss_fn)
         got = TR.batch_loss(cached, batch, loss_fn)
         assert got.num_tokens == want.num_tokens
-        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0, msg=name)
+        # CTKD compares distributions at tau ~ 15.6 and multiplies by tau^2: float32 rounding
+        # of the logits (cached vs recomputed) weighs ~50x more in its value.
+        rtol = 2e-4 if name == "ctkd" else 1e-5
+        torch.testing.assert_close(got.loss, want.loss, rtol=rtol, atol=0, msg=name)
 
 
 def test_topk_loss_is_within_the_derived_bound(tmp_path):
@@ -226,7 +229,7 @@ def test_every_registered_loss_trains_from_a_topk_cache(tmp_path):
     cached = TR.build(config(tmp_path, "teacher.source=cache"))
     batch = first_batch(cached)
     for name in LOSSES:
-        kwargs = {"total_steps": 10} if name == "taid" else {}
+        kwargs = {"total_steps": 10} if "total_steps" in loss_parameters(name) else {}
         loss_fn = build_loss(name, reduction="sum", vocab_size=cached.vocab_size, **kwargs)
         cached.student.zero_grad()
         out = TR.batch_loss(cached, batch, loss_fn)

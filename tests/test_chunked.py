@@ -361,3 +361,41 @@ def test_topk_teacher_refuses_bad_inputs():
         TF.forward_kl(torch.randn(2, 4, 10), source)
     with pytest.raises(ValueError, match="cannot be sliced"):
         TF.forward_kl(torch.randn(2, 3, 12), source, vocab_size=8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_with_a_learned_temperature_matches_the_reference(name):
+    hidden, weight, bias, t_hidden, t_weight, labels = fused_inputs(seed=3)
+    t_logits = t_hidden.double() @ t_weight.double().T
+    tau = torch.tensor(2.2, requires_grad=True)
+    ours = run_fused(
+        name,
+        hidden,
+        weight,
+        bias,
+        t_hidden,
+        labels,
+        2.0,
+        chunk_size=5,
+        teacher_weight=t_weight,
+        temperature=tau,
+        temperature_scaling=True,
+    )
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    b = bias.detach().double().requires_grad_(True)
+    tau64 = torch.tensor(2.2, dtype=torch.float64, requires_grad=True)
+    ref = reference(
+        name,
+        h @ w.T + b,
+        t_logits,
+        labels,
+        PARAMS[name],
+        ignore_index=42,
+        temperature=tau64,
+        temperature_scaling=True,
+    )
+    (2.0 * ref).backward()
+    torch.testing.assert_close(ours[0].detach().double(), ref.detach(), rtol=2e-5, atol=2e-6)
+    for got, want in zip(ours[1:] + (tau.grad,), (h.grad, w.grad, b.grad, tau64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)

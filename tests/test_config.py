@@ -168,3 +168,22 @@ def test_loss_ignore_index_is_set_by_the_trainer():
     # would count padding as targets in the loss but not in the step's token count.
     with pytest.raises(ConfigError, match=r"'loss.ignore_index'.*set by the trainer"):
         load_config(None, ["data.path=x.jsonl", "teacher.name_or_path=x", "loss.ignore_index=0"])
+
+
+@pytest.mark.parametrize("name", ["fkl", "skl", "jsd", "ctkd", "sft"])
+def test_switching_the_loss_on_the_command_line_leaves_the_files_loss_keys_behind(name, caplog):
+    """README: `train.py --config configs/quickstart.yaml loss.name=fkl`. TAID's t_start must
+    not block fkl, and TAID's alpha/beta must not become skew KL's alpha or JSD's beta."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="taid"):
+        config = load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}"])
+    assert config.loss.name == name and config.loss.params == {}
+    assert "loss.t_start" in caplog.text and "do not apply" in caplog.text
+    # what the command line sets is checked against the new loss
+    if name == "skl":
+        assert load_config(
+            ROOT / "configs" / "quickstart.yaml", ["loss.name=skl", "loss.alpha=0.2"]
+        ).loss.params == {"alpha": 0.2}
+    with pytest.raises(ConfigError, match="unknown config key 'loss.t_start'"):
+        load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}", "loss.t_start=0.3"])

@@ -128,7 +128,13 @@ def test_custom_ignore_index_is_refused(example, tmp_path):
     with pytest.raises(ValueError, match="ignore_index=-100"):
         make_trainer(example, tmp_path, steps=1, loss=build_loss("fkl", ignore_index=0))
     with pytest.raises(ValueError, match="does not take"):
-        make_trainer(example, tmp_path, steps=1, loss="taid", loss_kwargs={"temperature": 2.0})
+        make_trainer(example, tmp_path, steps=1, loss="taid", loss_kwargs={"temprature": 2.0})
+
+
+def test_a_loss_with_parameters_of_its_own_is_refused(example, tmp_path):
+    # CTKD's temperature would never train: the Trainer optimises the model's parameters only
+    with pytest.raises(ValueError, match="CTKDLoss has parameters of its own.*taid-train"):
+        make_trainer(example, tmp_path, steps=1, loss="ctkd")
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def inputs(seed=0, shape=(2, 9), V=31, ignore_index=-100):
 
 
 def test_the_registry_is_every_described_divergence_and_sft():
-    assert list(LOSSES) == [*DIVERGENCES, "sft"]
+    assert list(LOSSES) == [*DIVERGENCES, "ctkd", "sft"]
     for name, spec in DIVERGENCES.items():
         assert LOSSES[name].__name__ == spec.class_name and LOSSES[name].divergence == name
         assert getattr(taid, spec.class_name) is LOSSES[name]
@@ -35,8 +35,10 @@ def test_unknown_name_lists_the_valid_ones():
 
 
 def test_unknown_keyword_names_what_is_accepted():
-    with pytest.raises(ValueError, match=r"does not take \['temperature'\].*t_start"):
-        build_loss("taid", total_steps=10, temperature=2.0)
+    with pytest.raises(ValueError, match=r"does not take \['temprature'\].*t_start"):
+        build_loss("taid", total_steps=10, temprature=2.0)
+    with pytest.raises(ValueError, match=r"does not take \['temperature'\]"):
+        build_loss("sft", temperature=2.0)
     with pytest.raises(ValueError, match="does not take"):
         build_loss("sft", distill_weight=0.5)
 
@@ -261,3 +263,44 @@ def test_a_new_divergence_is_one_function_and_one_description(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# CTKD: forward KL at a learned temperature, trained adversarially
+# ------------------------------------------------------------------------------------------
+def test_ctkd_is_forward_kl_at_its_temperature_with_the_gradient_reversed():
+    s, z, labels = inputs(seed=3)
+    loss_fn = build_loss("ctkd", total_steps=10)
+    loss_fn.num_steps = 5  # lambda = 0.5 half-way along the curriculum
+    assert loss_fn.grl_lambda() == pytest.approx(0.5)
+    tau = float(loss_fn.current_temperature())
+    assert tau == pytest.approx(1.0 + 20.0 * torch.sigmoid(torch.tensor(1.0)).item())
+    x = s.clone().requires_grad_(True)
+    out = loss_fn(x, z, labels)
+    want = TF.forward_kl(s, z, labels, temperature=tau, temperature_scaling=True)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-6)
+    out.backward()
+    # the same loss without the reversal, differentiated w.r.t. theta directly
+    theta = loss_fn.theta.detach().clone().requires_grad_(True)
+    plain = TF.forward_kl(
+        s, z, labels, temperature=1.0 + 20.0 * torch.sigmoid(theta), temperature_scaling=True
+    )
+    (grad,) = torch.autograd.grad(plain, theta)
+    assert grad.abs() > 0
+    torch.testing.assert_close(loss_fn.theta.grad, -0.5 * grad)
+
+
+def test_ctkd_curriculum_and_state():
+    loss_fn = build_loss("ctkd", total_steps=4, lambda_min=0.0, lambda_max=1.0)
+    lambdas = []
+    for _ in range(5):
+        lambdas.append(loss_fn.advance(0.0)["grl_lambda"])
+    assert lambdas == pytest.approx([0.0, 0.1464466, 0.5, 0.8535534, 1.0], abs=1e-6)
+    state = loss_fn.state_dict()
+    other = build_loss("ctkd", total_steps=4)
+    other.load_state_dict(state)
+    assert other.num_steps == 5 and other.grl_lambda() == 1.0
+    with pytest.raises(ValueError, match=r"does not take \['temperature'\]"):
+        build_loss("ctkd", total_steps=4, temperature=2.0)
+    with pytest.raises(ValueError, match="learns its temperature"):
+        taid.CTKDLoss(total_steps=4, temperature=2.0)

@@ -481,3 +481,41 @@ def test_a_requested_mode_that_accelerate_does_not_run_is_refused(tmp_path, monk
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP, but accelerate runs NO here"):
         T.build(smoke(tmp_path))
+
+
+@pytest.mark.slow
+def test_ctkd_trains_its_temperature_and_resumes_exactly(tmp_path, monkeypatch):
+    """The temperature is a parameter the loop optimises (the reference code never does):
+    it moves during training, and a killed run resumes to the same weights and temperature."""
+    overrides = [
+        "loss.name=ctkd",
+        "train.max_steps=8",
+        "train.save_every=2",
+        "train.lr=0.05",
+        "log.plot=false",
+    ]
+    full = T.train(smoke(tmp_path / "a", *overrides))
+    temps = [r["temperature"] for r in metrics(tmp_path / "a" / "run") if "loss" in r]
+    lambdas = [r["grl_lambda"] for r in metrics(tmp_path / "a" / "run") if "loss" in r]
+    assert lambdas[0] == 0.0 and lambdas[-1] > 0.9
+    assert temps[0] == pytest.approx(1.0 + 20.0 * torch.sigmoid(torch.tensor(1.0)).item())
+    assert abs(temps[-1] - temps[0]) > 1e-3, temps
+    theta = float(full["setup"].loss_fn.theta)
+
+    real, calls = T.batch_loss, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:  # first micro-batch of step 5
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "batch_loss", crashing)
+    config = smoke(tmp_path / "b", *overrides)
+    with pytest.raises(RuntimeError, match="killed"):
+        T.train(config)
+    monkeypatch.setattr(T, "batch_loss", real)
+    resumed = T.train(config)
+    assert float(resumed["setup"].loss_fn.theta) == theta
+    a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -373,6 +373,7 @@ def save(
     optimizer: Any,
     scheduler: Any,
     loss: torch.nn.Module,
+    loss_optimizer: Any = None,
     train_state: Mapping[str, Any],
     run: Mapping[str, Any],
     keep: int,
@@ -402,6 +403,7 @@ def save(
                 "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(),
                 "loss": loss.state_dict(),
+                "loss_optimizer": None if loss_optimizer is None else loss_optimizer.state_dict(),
                 "train": dict(train_state),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "model_aliases": aliases,
@@ -438,6 +440,7 @@ def load(
     optimizer: Any,
     scheduler: Any,
     loss: torch.nn.Module,
+    loss_optimizer: Any = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save` wrote into the given objects (every process calls it, after
     ``accelerator.prepare``); returns the train state. Every file is checked against its
@@ -463,6 +466,10 @@ def load(
     )
     scheduler.load_state_dict(state["scheduler"])
     loss.load_state_dict(state["loss"])
+    if loss_optimizer is not None:
+        if state.get("loss_optimizer") is None:
+            raise CheckpointError(f"{directory} holds no state of the loss's optimizer")
+        loss_optimizer.load_state_dict(state["loss_optimizer"])
     scaler = getattr(acc, "scaler", None)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])

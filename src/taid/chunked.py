@@ -71,6 +71,14 @@ class Objective:
     divergence: str | None
     params: dict[str, float] = field(default_factory=dict)
     distill_weight: float = 1.0
+    temperature: D.Temperature = 1.0
+    """The divergence's temperature: a number, or a 0-d tensor that is learned."""
+    temperature_scaling: bool = False
+
+    def learned_temperature(self) -> Tensor | None:
+        """The temperature tensor when its gradient is wanted, else None."""
+        t = self.temperature
+        return t if isinstance(t, Tensor) and D.learned(t) else None
 
 
 @dataclass
@@ -81,6 +89,8 @@ class ChunkStats:
     loss: Tensor
     distill: Tensor | None
     ce: Tensor | None
+    grad_temperature: Tensor | None = None
+    """Per valid token, ``d loss / d tau`` times the reduction's scale (learned tau only)."""
 
 
 def _chunks(idx: Tensor, n_rows: int, chunk_size: int) -> Iterator[tuple[int, Rows]]:
@@ -115,6 +125,8 @@ def run_chunks(
     w = objective.distill_weight
     distill = torch.empty_like(loss) if objective.divergence is not None else None
     ce = torch.empty_like(loss) if w < 1.0 else None
+    learned = objective.learned_temperature() is not None and distill is not None
+    grad_temperature = torch.zeros_like(loss) if learned else None
     for start, rows in _chunks(idx, n_rows, chunk_size):
         end = start + _count(rows)
         s = student_rows(rows)
@@ -128,8 +140,12 @@ def run_chunks(
             params=objective.params,
             distill_weight=w,
             need_grad=True,
+            temperature=objective.temperature,
+            temperature_scaling=objective.temperature_scaling,
         )
         loss[start:end] = out.loss
+        if grad_temperature is not None and out.grad_temperature is not None:
+            grad_temperature[start:end] = out.grad_temperature * grad_scale
         if distill is not None and out.distill is not None:
             distill[start:end] = out.distill
         if ce is not None and out.ce is not None:
@@ -150,7 +166,7 @@ def run_chunks(
                 objective.divergence,
             )
         )
-    return ChunkStats(loss, distill, ce)
+    return ChunkStats(loss, distill, ce, grad_temperature)
 
 
 def _empty_grad(like: Tensor, idx: Tensor, width: int) -> Tensor:
@@ -215,6 +231,7 @@ class _ChunkedLogits(torch.autograd.Function):
         width: int,
         chunk_size: int,
         reduction: str,
+        temperature: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_rows = student.shape[0]
         grad = _empty_grad(student, idx, width)
@@ -235,14 +252,16 @@ class _ChunkedLogits(torch.autograd.Function):
         )
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
+        _keep_temperature_grad(ctx, stats, idx, temperature)
         return _finish_forward(ctx, stats, idx, n_rows, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         _backward_once(ctx)
         (grad,) = ctx.saved_tensors
+        grad_tau = _temperature_grad(ctx, grad_out)
         _scale_([grad], grad_out, ctx.per_row)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, grad_tau
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -259,6 +278,7 @@ class _FusedLinear(torch.autograd.Function):
         width: int,
         chunk_size: int,
         reduction: str,
+        temperature: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         w_rows = weight[:width]
         b_rows = None if bias is None else bias[:width]
@@ -306,17 +326,42 @@ class _FusedLinear(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.per_row = False
+        _keep_temperature_grad(ctx, stats, idx, temperature)
         return _finish_forward(ctx, stats, idx, hidden.shape[0], reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         _backward_once(ctx)
         grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_tau = _temperature_grad(ctx, grad_out)
         _scale_([grad_h, grad_w, grad_b], grad_out, per_row=False)
         grad_w = grad_w.to(ctx.weight_dtype)
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 7
+        return (grad_h, grad_w, grad_b) + (None,) * 7 + (grad_tau,)
+
+
+def _keep_temperature_grad(
+    ctx: Any, stats: ChunkStats, idx: Tensor, temperature: Tensor | None
+) -> None:
+    """Keep what backward needs for a learned temperature's gradient."""
+    ctx.grad_temperature = stats.grad_temperature if temperature is not None else None
+    ctx.temperature_like = temperature
+    ctx.idx = idx
+
+
+def _temperature_grad(ctx: Any, grad_out: Tensor) -> Tensor | None:
+    """``d loss / d tau`` times ``grad_out`` (per valid row for reduction ``"none"``)."""
+    per_token = ctx.grad_temperature
+    if per_token is None:
+        return None
+    if ctx.per_row:
+        total = (grad_out.reshape(-1).index_select(0, ctx.idx).float() * per_token).sum()
+    else:
+        total = per_token.sum() * grad_out.float()
+    like = ctx.temperature_like
+    return total.reshape(like.shape).to(like.dtype)
 
 
 def reduce_rows(per_token: Tensor, idx: Tensor, n_rows: int, reduction: str) -> Tensor:
@@ -356,7 +401,15 @@ def chunked_logits_loss(
     """
     chunk_size = chunk_size or default_chunk_size(max(idx.numel(), 1), width, student.device)
     out, distill, ce = _ChunkedLogits.apply(
-        student, idx, teacher, labels, objective, width, chunk_size, reduction
+        student,
+        idx,
+        teacher,
+        labels,
+        objective,
+        width,
+        chunk_size,
+        reduction,
+        objective.learned_temperature(),
     )
     return out, _stats(out, distill, ce, objective)
 
@@ -383,7 +436,17 @@ def fused_linear_loss(
         max(idx.numel(), 1), width, hidden.device, min_rows=FUSED_MIN_ROWS
     )
     out, distill, ce = _FusedLinear.apply(
-        hidden, weight, bias, idx, teacher, labels, objective, width, chunk_size, reduction
+        hidden,
+        weight,
+        bias,
+        idx,
+        teacher,
+        labels,
+        objective,
+        width,
+        chunk_size,
+        reduction,
+        objective.learned_temperature(),
     )
     return out, _stats(out, distill, ce, objective)
 

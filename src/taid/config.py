@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from taid.losses import LOSSES, loss_parameters
+from taid.losses import LOSSES, loss_parameters, shared_loss_options
+
+logger = logging.getLogger("taid")
+_LOSS_FIELDS = ("name", "implementation")
 
 
 class ConfigError(ValueError):
@@ -131,7 +135,8 @@ class LossConfig:
     ``beta``, ``mu``, ``distill_weight``, ``vocab_size``, ...)."""
 
     name: str = "taid"
-    """A registered loss: taid, fkl, rkl, tvd, jsd, skl, srkl, akl, sft."""
+    """A registered loss (``taid.LOSSES``): taid, fkl, rkl, tvd, jsd, skl, srkl, akl, dkd, ctkd,
+    sft."""
     implementation: Literal["auto", "fused", "chunked", "eager"] = "auto"
     """``fused``: from the student's hidden states and output layer (full logits never exist);
     ``chunked``: from the logits, chunk by chunk; ``eager``: plain autograd (debugging);
@@ -145,7 +150,8 @@ class TrainConfig:
     """Optimisation and the loop's rhythm."""
 
     max_steps: int = 100
-    """Optimizer steps of the run (also TAID's ``total_steps``)."""
+    """Optimizer steps of the run (also the ``total_steps`` of a loss with a schedule: TAID,
+    CTKD)."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
@@ -399,10 +405,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    file_loss = dict(raw.get("loss") or {}) if isinstance(raw.get("loss"), dict) else {}
     raw = apply_overrides(raw, overrides or [])
+    _drop_other_loss_keys(raw, file_loss)
     config = _build(Config, raw, "")
     validate(config)
     return config
+
+
+def _drop_other_loss_keys(raw: dict[str, Any], file_loss: dict[str, Any]) -> None:
+    """When an override switches ``loss.name``, the config file's parameters of its own loss
+    do not follow: TAID's ``t_start`` would block ``fkl``, and TAID's ``alpha`` would silently
+    become skew KL's (another quantity of the same name). They are dropped, with a note; the
+    options every loss shares (``distill_weight``, ``temperature``, ...) carry over, and keys
+    given on the command line are checked against the new loss."""
+    loss = raw.get("loss")
+    if (
+        not isinstance(loss, dict)
+        or "name" not in loss
+        or loss["name"] == file_loss.get("name", "taid")
+    ):
+        return
+    if loss["name"] not in LOSSES:
+        return  # validate() names the unknown loss
+    shared = shared_loss_options()
+    dropped = sorted(
+        k
+        for k, v in file_loss.items()
+        if k not in _LOSS_FIELDS and k not in shared and loss.get(k) == v
+    )
+    for key in dropped:
+        del loss[key]
+    if dropped:
+        logger.warning(
+            "loss.name=%s: the config file's %s (for loss %r) do not apply; ignored",
+            loss["name"],
+            ", ".join(f"loss.{k}" for k in dropped),
+            file_loss.get("name", "taid"),
+        )
 
 
 def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
@@ -476,7 +516,8 @@ def validate(config: Config) -> None:
     try:  # build once to run the loss's own range checks, with a stand-in step count
         from taid.losses import build_loss
 
-        build_loss(loss.name, **loss.params, **({"total_steps": 1} if loss.name == "taid" else {}))
+        stand_in = {"total_steps": 1} if "total_steps" in accepted else {}
+        build_loss(loss.name, **loss.params, **stand_in)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss: {e}") from None
 

@@ -192,6 +192,29 @@ def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> 
     return loss, grad.add_(q.sub_(p).mul_(w_head[:, None]))
 
 
+def dkd(
+    s: Tensor, z: Tensor, *, labels: Tensor, alpha: float, beta: float, need_grad: bool = False
+) -> KernelOut:
+    """Decoupled KD (Zhao et al., 2022), per target token ``y = labels``:
+    ``alpha * KL(b_p || b_q) + beta * KL(p_hat || q_hat)``, where ``b = (mass of y, mass of
+    the other tokens)`` (target-class KD) and ``p_hat``, ``q_hat`` are the distributions over
+    the tokens other than ``y`` (non-target-class KD). Written in log space; the gradient comes
+    from autograd per chunk (``analytic=False``)."""
+    y = labels[:, None]
+    lse_s, lse_z = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(z, -1, keepdim=True)
+    s_rest = s.scatter(-1, y, MASKED_LOGIT)  # out of place: no gradient reaches s[y] here
+    z_rest = z.scatter(-1, y, MASKED_LOGIT)
+    lse_s_rest = torch.logsumexp(s_rest, -1, keepdim=True)
+    lse_z_rest = torch.logsumexp(z_rest, -1, keepdim=True)
+    # binary distributions (log p_y, log p_rest) and (log q_y, log q_rest)
+    lp_y, lq_y = z.gather(-1, y) - lse_z, s.gather(-1, y) - lse_s
+    lp_rest, lq_rest = lse_z_rest - lse_z, lse_s_rest - lse_s
+    tckd = (lp_y.exp() * (lp_y - lq_y) + lp_rest.exp() * (lp_rest - lq_rest)).squeeze(-1)
+    lp_hat, lq_hat = z_rest - lse_z_rest, s_rest - lse_s_rest
+    nckd = _dot(lp_hat.exp(), lp_hat - lq_hat)
+    return alpha * tckd + beta * nckd, None
+
+
 def cross_entropy(s: Tensor, labels: Tensor, *, need_grad: bool = False) -> KernelOut:
     """``-log q[label]``; gradient ``q - onehot(label)``."""
     log_q = _log_softmax_(s) if need_grad else torch.log_softmax(s, dim=-1)
@@ -204,12 +227,85 @@ def cross_entropy(s: Tensor, labels: Tensor, *, need_grad: bool = False) -> Kern
 
 
 class Mixed(NamedTuple):
-    """Per-token output of :func:`mixed`."""
+    """Per-token output of :func:`mixed`; ``grad_temperature`` is ``d loss / d tau`` per token
+    when the temperature is a tensor that requires grad (a learned temperature)."""
 
     loss: Tensor
     distill: Tensor | None
     ce: Tensor | None
     grad: Tensor | None
+    grad_temperature: Tensor | None = None
+
+
+Temperature = float | Tensor
+"""A fixed temperature, or a 0-d tensor (a learned one, whose gradient is wanted)."""
+
+
+def learned(temperature: Temperature) -> bool:
+    """Whether ``temperature`` is a tensor that wants its gradient."""
+    return isinstance(temperature, Tensor) and temperature.requires_grad
+
+
+def tempered(
+    divergence: str,
+    s: Tensor,
+    z: Tensor,
+    labels: Tensor | None,
+    params: dict[str, float],
+    *,
+    temperature: Temperature = 1.0,
+    temperature_scaling: bool = False,
+    need_grad: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A divergence on logits divided by ``tau = temperature``, times ``tau^2`` with
+    ``temperature_scaling`` (so its gradient keeps the scale of ``tau = 1``).
+
+    Returns the per-token loss ``[n]``, its gradient w.r.t. ``s`` ``[n, V]`` (``need_grad``)
+    and, for a learned temperature with ``need_grad``, ``d loss_i / d tau`` ``[n]``. With
+    ``need_grad`` the scratch inputs ``s`` and ``z`` are overwritten.
+    """
+    extra: dict[str, Any] = {"labels": labels} if DIVERGENCES[divergence].needs_labels else {}
+    if not isinstance(temperature, Tensor) and temperature == 1.0:
+        loss, grad = per_token(divergence, s, z, need_grad=need_grad, **extra, **params)
+        return loss, grad, None
+    if not need_grad:  # autograd sees the division (and a learned tau) directly
+        tau = temperature
+        loss, _ = per_token(divergence, s / tau, z / tau, need_grad=False, **extra, **params)
+        return (loss * tau**2 if temperature_scaling else loss), None, None
+    if isinstance(temperature, Tensor) and learned(temperature):
+        return _learned_temperature(
+            divergence, s, z, extra, params, temperature, temperature_scaling
+        )
+    tau = float(temperature)
+    factor = tau**2 if temperature_scaling else 1.0
+    loss, grad = per_token(divergence, s.div_(tau), z.div_(tau), need_grad=True, **extra, **params)
+    assert grad is not None
+    return loss * factor, grad.mul_(factor / tau), None
+
+
+def _learned_temperature(
+    divergence: str,
+    s: Tensor,
+    z: Tensor,
+    extra: dict[str, Any],
+    params: dict[str, float],
+    temperature: Tensor,
+    scaling: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Autograd through the kernel's loss on this chunk for the gradients w.r.t. the logits
+    and the temperature; ``tau`` is repeated per row, so each row's own derivative comes out
+    (needed when the reduction weights rows differently)."""
+    spec = DIVERGENCES[divergence]
+    with torch.enable_grad():
+        leaf = s.detach().requires_grad_(True)
+        tau = temperature.detach().reshape(1).expand(s.shape[0]).clone().requires_grad_(True)
+        loss, _ = spec.kernel(
+            leaf / tau[:, None], z.detach() / tau[:, None], need_grad=False, **extra, **params
+        )
+        if scaling:
+            loss = loss * tau**2
+        grad_s, grad_tau = torch.autograd.grad(loss.sum(), [leaf, tau])
+    return loss.detach(), grad_s, grad_tau
 
 
 def mixed(
@@ -221,11 +317,14 @@ def mixed(
     params: dict[str, float],
     distill_weight: float,
     need_grad: bool = False,
+    temperature: Temperature = 1.0,
+    temperature_scaling: bool = False,
 ) -> Mixed:
     """``(1 - w) * CE(labels) + w * divergence(s, z)`` per token, ``w = distill_weight``.
 
     ``divergence=None`` is cross-entropy alone. A term whose weight is 0 is not computed, except
-    the divergence, which is always reported when named.
+    the divergence, which is always reported when named. The divergence sees the logits
+    divided by ``temperature`` (see :func:`tempered`); the cross-entropy never does.
     """
     w = distill_weight
     if divergence is None or w < 1.0:
@@ -238,15 +337,24 @@ def mixed(
         raise ValueError(f"divergence {divergence!r} needs the teacher's logits")
     # kernels overwrite their scratch inputs: keep s intact for the cross-entropy
     s_div = s.clone() if (need_grad and w < 1.0) else s
-    distill, g_distill = per_token(divergence, s_div, z, need_grad=need_grad, **params)
+    distill, g_distill, g_tau = tempered(
+        divergence,
+        s_div,
+        z,
+        labels,
+        params,
+        temperature=temperature,
+        temperature_scaling=temperature_scaling,
+        need_grad=need_grad,
+    )
     if w == 1.0:
-        return Mixed(distill, distill, None, g_distill)
+        return Mixed(distill, distill, None, g_distill, g_tau)
     ce, g_ce = cross_entropy(s, labels, need_grad=need_grad)  # type: ignore[arg-type]
     loss = w * distill + (1.0 - w) * ce
     grad = None
     if g_distill is not None and g_ce is not None:
         grad = g_distill.mul_(w).add_(g_ce, alpha=1.0 - w)
-    return Mixed(loss, distill, ce, grad)
+    return Mixed(loss, distill, ce, grad, None if g_tau is None else g_tau.mul_(w))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +409,7 @@ class Divergence:
         params: its hyperparameters, in order.
         analytic: whether ``kernel`` returns its gradient when ``need_grad``; if not, the
             gradient comes from autograd through the loss, per chunk (:func:`per_token`).
+        needs_labels: the kernel also takes ``labels`` ``[n]`` (each row's target token).
     """
 
     name: str
@@ -310,6 +419,7 @@ class Divergence:
     kernel: Kernel
     params: tuple[Param, ...] = ()
     analytic: bool = True
+    needs_labels: bool = False
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params if p.default is not None}
@@ -397,6 +507,32 @@ DIVERGENCES: dict[str, Divergence] = {
             adaptive_kl,
             (Param("mu", **_UNIT, low_open=True, default=0.5, doc="teacher mass of the head"),),
         ),
+        Divergence(
+            "dkd",
+            "dkd",
+            "DKDLoss",
+            "alpha KL(b_p || b_q) + beta KL(p_hat || q_hat), b = (mass of the target, the rest)",
+            dkd,
+            (
+                Param(
+                    "alpha",
+                    low=0.0,
+                    high=math.inf,
+                    default=1.0,
+                    doc="weight of target-class KD (TCKD)",
+                ),
+                Param(
+                    "beta",
+                    low=0.0,
+                    high=math.inf,
+                    default=0.5,
+                    doc="weight of non-target-class KD (NCKD); the DKD paper uses 0.5 on "
+                    "ImageNet, 8 on CIFAR-100",
+                ),
+            ),
+            analytic=False,
+            needs_labels=True,
+        ),
     ]
 }
 """Every divergence by registry name; adding one is a kernel above and an entry here."""
@@ -420,7 +556,7 @@ def check_params(divergence: str, params: dict[str, float]) -> dict[str, float]:
 
 
 def per_token(
-    divergence: str, s: Tensor, z: Tensor, *, need_grad: bool = False, **params: float
+    divergence: str, s: Tensor, z: Tensor, *, need_grad: bool = False, **params: Any
 ) -> KernelOut:
     """A divergence's per-token loss ``[n]`` and, with ``need_grad``, its gradient w.r.t.
     ``s`` ``[n, V]``: the kernel's own, or (``analytic=False``) autograd through the kernel's

@@ -122,6 +122,8 @@ def _objective(
     params: dict[str, float],
     has_teacher: bool,
     has_labels: bool,
+    temperature: D.Temperature = 1.0,
+    temperature_scaling: bool = False,
 ) -> C.Objective:
     if divergence is None:
         if params:
@@ -131,13 +133,32 @@ def _objective(
         params = D.check_params(divergence, params)
         if not has_teacher:
             raise ValueError(f"divergence {divergence!r} needs the teacher, got None")
+        if D.DIVERGENCES[divergence].needs_labels and not has_labels:
+            raise ValueError(
+                f"divergence {divergence!r} needs labels (each position's target token), got None"
+            )
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if distill_weight < 1.0 and not has_labels:
         raise ValueError(
             "cross-entropy on the labels (distill_weight < 1 or SFT) needs labels, got None"
         )
-    return C.Objective(divergence, params, float(distill_weight))
+    check_temperature(temperature)
+    return C.Objective(
+        divergence, params, float(distill_weight), temperature, bool(temperature_scaling)
+    )
+
+
+def check_temperature(temperature: D.Temperature) -> None:
+    """A fixed temperature must be a finite number > 0; a tensor must be one value."""
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"a temperature tensor must hold one value, got shape {tuple(temperature.shape)}"
+            )
+        return
+    if isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_labels_in_vocab(labels: Tensor, width: int, ignore_index: int) -> None:
@@ -191,6 +212,8 @@ def _plan(
     distill_weight: float,
     params: dict[str, float],
     device: torch.device,
+    temperature: D.Temperature = 1.0,
+    temperature_scaling: bool = False,
 ) -> _Plan:
     """What both entry points decide once the teacher is a source: the objective, the shared
     width, the valid rows and their labels."""
@@ -204,12 +227,21 @@ def _plan(
             f"{what} {tuple(student_shape)} have {n_rows}"
         )
     objective = _objective(
-        divergence, distill_weight, params, teacher is not None, labels is not None
+        divergence,
+        distill_weight,
+        params,
+        teacher is not None,
+        labels is not None,
+        temperature,
+        temperature_scaling,
     )
     width = resolve_vocab(student_width, None if teacher is None else teacher.width, vocab_size)
     idx = valid_mask(labels, leading, ignore_index, device).nonzero().squeeze(1)
     flat_labels = None if labels is None else labels.reshape(-1).index_select(0, idx)
-    if objective.distill_weight < 1.0 and flat_labels is not None:
+    uses_labels = objective.distill_weight < 1.0 or (
+        divergence is not None and D.DIVERGENCES[divergence].needs_labels
+    )
+    if uses_labels and flat_labels is not None:
         _check_labels_in_vocab(flat_labels, width, ignore_index)
     return _Plan(teacher, objective, width, idx, flat_labels)
 
@@ -241,6 +273,8 @@ def loss_terms(
     distill_weight: float = 1.0,
     implementation: Implementation = "chunked",
     chunk_size: int | None = None,
+    temperature: D.Temperature = 1.0,
+    temperature_scaling: bool = False,
     **params: float,
 ) -> LossOutput:
     """``(1 - w) * CE + w * divergence`` on logits, with its parts and the valid-token count.
@@ -259,6 +293,11 @@ def loss_terms(
         distill_weight: ``w``; 1 is the pure divergence.
         implementation: ``"chunked"`` or ``"eager"``.
         chunk_size: rows per chunk (chunked only); ``None`` picks one from ``N`` and ``V``.
+        temperature: ``tau``: the divergence sees ``z_s / tau`` and ``z_T / tau`` (the
+            cross-entropy term does not). A 0-d tensor that requires grad is learned: its
+            gradient is returned by backward (as CTKD trains it).
+        temperature_scaling: multiply the divergence by ``tau^2``, so that its gradient keeps
+            the scale it has at ``tau = 1`` (Hinton et al.).
         **params: the divergence's hyperparameters (``t``, ``beta``, ``alpha``, ``mu``).
     """
     _check_options(reduction, implementation, chunk_size)
@@ -282,6 +321,8 @@ def loss_terms(
         distill_weight,
         params,
         student_logits.device,
+        temperature,
+        temperature_scaling,
     )
     student = student_logits.reshape(n_rows, student_logits.shape[-1])
 
@@ -296,6 +337,8 @@ def loss_terms(
             divergence=objective.divergence,
             params=objective.params,
             distill_weight=objective.distill_weight,
+            temperature=objective.temperature,
+            temperature_scaling=objective.temperature_scaling,
         )
         if out.loss.numel() and bool(out.loss.detach().max() > D.INFINITE_LOSS):
             i = int((out.loss.detach() > D.INFINITE_LOSS).nonzero()[0])
@@ -340,6 +383,8 @@ def fused_linear_terms(
     vocab_size: int | None = None,
     distill_weight: float = 1.0,
     chunk_size: int | None = None,
+    temperature: D.Temperature = 1.0,
+    temperature_scaling: bool = False,
     **params: float,
 ) -> LossOutput:
     """Like :func:`loss_terms`, from the student's last hidden states and output layer.
@@ -406,6 +451,8 @@ def fused_linear_terms(
         distill_weight,
         params,
         student_hidden.device,
+        temperature,
+        temperature_scaling,
     )
     loss, stats = C.fused_linear_loss(
         student_hidden.reshape(n_rows, -1),
@@ -431,6 +478,8 @@ _LOGITS_OPTIONS: dict[str, Any] = {
     "vocab_size": None,
     "implementation": "chunked",
     "chunk_size": None,
+    "temperature": 1.0,
+    "temperature_scaling": False,
 }
 _FUSED_OPTIONS: dict[str, Any] = {
     "teacher_weight": None,
@@ -440,6 +489,8 @@ _FUSED_OPTIONS: dict[str, Any] = {
     "reduction": "mean",
     "chunk_size": None,
     "vocab_size": None,
+    "temperature": 1.0,
+    "temperature_scaling": False,
 }
 _ARGS_DOC = """
     Args:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from taid import functional as TF
@@ -32,6 +34,10 @@ class DistillationLoss(nn.Module):
         implementation: ``"chunked"`` (default: analytic gradients, a chunk of tokens at a
             time, no full-vocabulary temporaries) or ``"eager"`` (autograd; for debugging).
         chunk_size: rows per chunk; ``None`` picks one from the number of tokens and ``V``.
+        temperature: ``tau``; the divergence compares ``softmax(z / tau)`` of both sides (the
+            cross-entropy term is not tempered). 1 (default) is the plain divergence.
+        temperature_scaling: multiply the divergence by ``tau^2`` so that its gradient keeps
+            the scale it has at ``tau = 1``.
 
     Shapes:
         student_logits ``[..., V_s]``, teacher_logits ``[..., V_T]``, labels ``[...]`` aligned
@@ -51,17 +57,26 @@ class DistillationLoss(nn.Module):
         vocab_size: int | None = None,
         implementation: TF.Implementation = "chunked",
         chunk_size: int | None = None,
+        temperature: float = 1.0,
+        temperature_scaling: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
         TF._check_options(reduction, implementation, chunk_size)
+        TF.check_temperature(temperature)
         self.distill_weight = float(distill_weight)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.vocab_size = vocab_size
         self.implementation = implementation
         self.chunk_size = chunk_size
+        self.temperature = float(temperature)
+        self.temperature_scaling = bool(temperature_scaling)
+
+    def current_temperature(self) -> float | Tensor:
+        """The temperature of this call (a tensor for a loss that learns it)."""
+        return self.temperature
 
     def divergence_params(self) -> dict[str, float]:
         """Hyperparameters passed to the divergence kernel at this moment."""
@@ -74,6 +89,8 @@ class DistillationLoss(nn.Module):
             vocab_size=self.vocab_size,
             distill_weight=self.distill_weight,
             chunk_size=self.chunk_size,
+            temperature=self.current_temperature(),
+            temperature_scaling=self.temperature_scaling,
             **self.divergence_params(),
         )
 
@@ -154,6 +171,9 @@ class DistillationLoss(nn.Module):
         }
         if self.vocab_size is not None:
             params["vocab_size"] = self.vocab_size
+        if self.temperature != 1.0 or self.temperature_scaling:
+            params["temperature"] = self.temperature
+            params["temperature_scaling"] = self.temperature_scaling
         return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
@@ -186,21 +206,9 @@ class TAIDLoss(DistillationLoss):
         beta: float = 0.99,
         total_steps: int | None = None,
         adaptive: bool = True,
-        distill_weight: float = 1.0,
-        ignore_index: int = -100,
-        reduction: TF.Reduction = "mean",
-        vocab_size: int | None = None,
-        implementation: TF.Implementation = "chunked",
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            distill_weight=distill_weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            implementation=implementation,
-            chunk_size=chunk_size,
-        )
+        super().__init__(**kwargs)  # the options every loss shares (DistillationLoss)
         if scheduler is None:
             scheduler = TAIDScheduler(
                 t_start=t_start,
@@ -310,6 +318,108 @@ class SFTLoss(DistillationLoss):
         )
 
 
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``-scale`` (gradient reversal,
+    Ganin and Lempitsky 2015): what follows is maximised by what precedes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * -ctx.scale, None
+
+
+class CTKDLoss(DistillationLoss):
+    """Curriculum Temperature KD (Li et al., AAAI 2023), its global-temperature form, for
+    language models: forward KL at a learned temperature, times ``tau^2``::
+
+        tau = t_min + t_range * sigmoid(theta)
+
+    ``theta`` (a parameter of this module, which the training loop must optimise) is trained
+    adversarially: its gradient passes a gradient-reversal layer of coefficient ``lambda``, so
+    ``tau`` moves to make the student's task harder while the student minimises the loss.
+    ``lambda`` rises from ``lambda_min`` to ``lambda_max`` along a cosine curriculum over
+    ``total_steps`` optimizer steps (one :meth:`step` per optimizer step).
+
+    Args:
+        t_min, t_range: the temperature's range ``[t_min, t_min + t_range]`` (CTKD: 1, 20).
+        theta_init: initial ``theta`` (the reference code's 1: ``tau`` starts near 15.6).
+        lambda_min, lambda_max: the curriculum of the reversal coefficient.
+        total_steps: the run's optimizer steps.
+        temperature_scaling: multiply by ``tau^2`` (CTKD does; default True).
+        **kwargs: the options of :class:`DistillationLoss` (not ``temperature``: it is learned).
+    """
+
+    divergence = "fkl"
+
+    def __init__(
+        self,
+        *,
+        t_min: float = 1.0,
+        t_range: float = 20.0,
+        theta_init: float = 1.0,
+        lambda_min: float = 0.0,
+        lambda_max: float = 1.0,
+        total_steps: int | None = None,
+        temperature_scaling: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if "temperature" in kwargs:
+            raise ValueError(
+                "ctkd learns its temperature; set t_min and t_range instead of temperature"
+            )
+        super().__init__(temperature_scaling=temperature_scaling, **kwargs)
+        if not (t_min > 0 and t_range >= 0):
+            raise ValueError(f"need t_min > 0 and t_range >= 0, got {t_min}, {t_range}")
+        if not 0.0 <= lambda_min <= lambda_max:
+            raise ValueError(f"need 0 <= lambda_min <= lambda_max, got {lambda_min}, {lambda_max}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(
+                f"total_steps must be a positive int (the run's optimizer steps), "
+                f"got {total_steps!r}"
+            )
+        self.t_min, self.t_range = float(t_min), float(t_range)
+        self.lambda_min, self.lambda_max = float(lambda_min), float(lambda_max)
+        self.total_steps = total_steps
+        self.num_steps = 0
+        self.theta = nn.Parameter(torch.tensor(float(theta_init)))
+
+    def grl_lambda(self) -> float:
+        """The reversal coefficient at the current step (cosine from min to max)."""
+        frac = min(self.num_steps, self.total_steps) / self.total_steps
+        return self.lambda_min + (self.lambda_max - self.lambda_min) * 0.5 * (
+            1.0 - math.cos(math.pi * frac)
+        )
+
+    def current_temperature(self) -> Tensor:
+        theta = _ReverseGradient.apply(self.theta, self.grl_lambda())
+        return self.t_min + self.t_range * torch.sigmoid(theta)
+
+    def step(self, loss: float | Tensor) -> None:
+        self.num_steps += 1
+
+    def advance(self, loss: float | Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            used = float(self.current_temperature())
+        lam = self.grl_lambda()
+        self.step(loss)
+        return {"temperature": used, "grl_lambda": lam}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "total_steps": self.total_steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"CTKD state was saved with total_steps={state['total_steps']}, "
+                f"this loss has {self.total_steps}"
+            )
+        self.num_steps = int(state["num_steps"])
+
+
 TAIDLoss.spec = DIVERGENCES["taid"]
 LOSSES: dict[str, type[DistillationLoss]] = {"taid": TAIDLoss}
 """Every loss by its registry name (the ``loss.name`` of a config): one per divergence of
@@ -346,6 +456,7 @@ def register_divergence(spec: Divergence) -> type[DistillationLoss]:
 
 for _spec in list(DIVERGENCES.values()):
     register_divergence(_spec)
+LOSSES["ctkd"] = CTKDLoss
 LOSSES["sft"] = SFTLoss
 
 
@@ -362,9 +473,19 @@ def loss_parameters(name: str) -> dict[str, inspect.Parameter]:
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 params[p.name] = p
-    if cls is SFTLoss:
-        params.pop("distill_weight", None)
+    if cls is SFTLoss:  # cross-entropy alone: no divergence term to weigh or temper
+        for name in ("distill_weight", "temperature", "temperature_scaling"):
+            params.pop(name, None)
+    if cls is CTKDLoss:  # learned
+        params.pop("temperature", None)
     return params
+
+
+def shared_loss_options() -> set[str]:
+    """The options every loss takes (:class:`DistillationLoss`'s), as opposed to one loss's
+    own parameters."""
+    init = inspect.signature(DistillationLoss.__init__).parameters
+    return {name for name in init if name != "self"}
 
 
 def _lookup(name: str) -> type[DistillationLoss]:

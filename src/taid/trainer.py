@@ -29,7 +29,7 @@ from taid import models as M
 from taid import sources as S
 from taid.config import Config, ConfigError, dump, first_difference, to_dict
 from taid.functional import resolve_vocab
-from taid.losses import DistillationLoss, build_loss
+from taid.losses import DistillationLoss, build_loss, loss_parameters
 
 # Keys that do not change what a run computes: a run may be resumed with other values, and
 # from another place (a moved or copied output_dir).
@@ -154,6 +154,7 @@ def save_checkpoint(s: Setup, state: TrainState) -> Path:
         optimizer=s.optimizer,
         scheduler=s.scheduler,
         loss=s.loss_fn,
+        loss_optimizer=s.loss_optimizer,
         train_state=state.state_dict(),
         run=run_identity(s.config),
         keep=s.config.train.keep_checkpoints,
@@ -178,6 +179,7 @@ def load_checkpoint(s: Setup, path: Path, state: TrainState) -> Path:
                     optimizer=s.optimizer,
                     scheduler=s.scheduler,
                     loss=s.loss_fn,
+                    loss_optimizer=s.loss_optimizer,
                 )
             )
             return candidate
@@ -214,6 +216,20 @@ class Setup:
     optimizer: Any = None
     scheduler: Any = None
     cache: T.TeacherCache | None = None
+    loss_optimizer: Any = None
+    """AdamW over the loss's own parameters (CTKD's temperature), or None."""
+
+
+def step_loss_parameters(s: Setup) -> None:
+    """One optimizer step of the loss's own parameters. DDP does not see them (they are not
+    the student's), so their gradients are averaged over the ranks here, as DDP averages the
+    student's; every rank then holds the same values."""
+    assert s.loss_optimizer is not None
+    for p in s.loss_fn.parameters():
+        if p.grad is not None and s.accelerator.num_processes > 1:
+            p.grad = s.accelerator.reduce(p.grad, reduction="mean")
+    s.loss_optimizer.step()
+    s.loss_optimizer.zero_grad(set_to_none=True)
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -337,6 +353,7 @@ def build(config: Config) -> Setup:
     _check_token_ids(teacher, student, vocab, train_examples + eval_examples)
     fused, teacher_fused = _loss_path(config, accelerator, teacher, student)
     loss_fn = _setup_loss(config, vocab_size)
+    loss_optimizer = _loss_optimizer(config, accelerator, loss_fn)
     if config.data.packing:
         train_examples = D.pack(train_examples, config.data.max_length)
         eval_examples = D.pack(eval_examples, config.data.max_length)
@@ -356,6 +373,7 @@ def build(config: Config) -> Setup:
         optimizer,
         scheduler,
         cache,
+        loss_optimizer,
     )
 
 
@@ -518,10 +536,21 @@ def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any) -> 
 def _setup_loss(config: Config, vocab_size: int | None) -> DistillationLoss:
     loss_kwargs = dict(config.loss.params)
     loss_kwargs.setdefault("vocab_size", vocab_size)
-    if config.loss.name == "taid":
+    if "total_steps" in loss_parameters(config.loss.name):  # a schedule over the run
         loss_kwargs["total_steps"] = config.train.max_steps
     impl = "eager" if config.loss.implementation == "eager" else "chunked"
     return build_loss(config.loss.name, reduction="sum", implementation=impl, **loss_kwargs)
+
+
+def _loss_optimizer(config: Config, accelerator: Any, loss_fn: DistillationLoss) -> Any:
+    """AdamW over the loss's own parameters (CTKD's temperature), with the run's learning rate
+    and betas and no weight decay; None for losses without parameters."""
+    params = list(loss_fn.parameters())
+    if not params:
+        return None
+    loss_fn.to(accelerator.device)
+    betas = (config.train.betas[0], config.train.betas[1])
+    return torch.optim.AdamW(params, lr=config.train.lr, betas=betas, weight_decay=0.0)
 
 
 def _prepare(
@@ -655,6 +684,8 @@ def train(config: Config) -> dict[str, Any]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if s.loss_optimizer is not None:
+            step_loss_parameters(s)
 
         # Token-weighted values of the whole step, identical on every rank.
         sums = acc.reduce(sums, reduction="sum") / max(global_tokens, 1)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from taid.losses import DistillationLoss, TAIDLoss, build_loss
+from taid.losses import DistillationLoss, TAIDLoss, build_loss, loss_parameters
 
 if TYPE_CHECKING:  # the mixin is always combined with a Trainer; let the type checker know
     _TrainerBase = Trainer
@@ -104,10 +104,16 @@ class TAIDTrainerMixin(_TrainerBase):
                 "the Trainer counts num_items_in_batch over labels != -100; use "
                 "ignore_index=-100 with TAIDTrainer"
             )
+        if loss_fn is not None and any(True for _ in loss_fn.parameters()):
+            raise ValueError(
+                f"{type(loss_fn).__name__} has parameters of its own (a learned temperature); "
+                f"the Trainer optimises only the model's, so they would never train. Use "
+                f"taid-train, which optimises both"
+            )
 
     def _new_loss(self, total_steps: int) -> DistillationLoss:
         kwargs = dict(self._loss_kwargs)
-        if self._loss_spec == "taid":
+        if "total_steps" in loss_parameters(str(self._loss_spec)):
             kwargs.setdefault("total_steps", max(total_steps, 1))
         loss_fn = build_loss(str(self._loss_spec), reduction="sum", **kwargs)
         self._check_loss(loss_fn)
