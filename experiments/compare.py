@@ -265,11 +265,15 @@ def comparison(plan: dict[str, Any], out: Path, fresh: bool) -> dict[str, list[d
     for seed in plan["seeds"]:
         for method, loss in plan["methods"].items():
             print(f"[compare] {method} seed {seed}", flush=True)
+            # The teacher scores student generations online (a cache cannot); the same
+            # teacher and data otherwise.
+            online = config_for(plan, out / "unused", *loss_overrides(loss))
+            teacher = [] if online.student_data.enabled() else source
             runs[method].append(
                 run_one(
                     plan,
                     out / "runs" / method / f"seed{seed}",
-                    [*source, f"seed={seed}", *loss_overrides(loss)],
+                    [*teacher, f"seed={seed}", *loss_overrides(loss)],
                     fresh=fresh,
                 )
             )

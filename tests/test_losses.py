@@ -273,7 +273,7 @@ def test_ctkd_is_forward_kl_at_its_temperature_with_the_gradient_reversed():
     loss_fn = build_loss("ctkd", total_steps=10)
     loss_fn.num_steps = 5  # lambda = 0.5 half-way along the curriculum
     assert loss_fn.grl_lambda() == pytest.approx(0.5)
-    tau = float(loss_fn.current_temperature())
+    tau = float(loss_fn.current_temperature().detach())
     assert tau == pytest.approx(1.0 + 20.0 * torch.sigmoid(torch.tensor(1.0)).item())
     x = s.clone().requires_grad_(True)
     out = loss_fn(x, z, labels)

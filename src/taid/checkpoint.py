@@ -9,8 +9,9 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNNN/``:
   (TAID's t, momentum, previous loss; learned parameters of a loss), the train state (step, data
   position, history), gradient-scaler state and the run's config. Tensors go to safetensors,
   the structure around them to JSON that :func:`decode` rebuilds from plain types only.
-- ``rng-rank{r}.safetensors`` + ``rng-rank{r}.json``: each process's random-number state
-  (torch CPU and CUDA, Python's ``random``, NumPy's legacy generator).
+- ``rank-{r}.safetensors`` + ``rank-{r}.json``: each process's own state: its random-number
+  state (torch CPU and CUDA, Python's ``random``, NumPy's legacy generator) and what the loop
+  keeps per process (the replay buffer of student generations).
 - ``checkpoint.json``, written last: the format version, the step, and the size and SHA-256 of
   every other file. A directory without it is incomplete and never loaded; a file whose size or
   hash differs makes the checkpoint corrupt.
@@ -377,6 +378,7 @@ def save(
     train_state: Mapping[str, Any],
     run: Mapping[str, Any],
     keep: int,
+    rank_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step-NNNNNNNN`` (see the module docstring); every process calls it.
 
@@ -411,7 +413,9 @@ def save(
             tmp,
             "state",
         )
-    save_tree(rng_state(), tmp, f"rng-rank{acc.process_index}")
+    save_tree(
+        {"rng": rng_state(), "state": dict(rank_state or {})}, tmp, f"rank-{acc.process_index}"
+    )
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_manifest(tmp, step, {"run": dict(run), "num_processes": acc.num_processes})
@@ -443,7 +447,9 @@ def load(
     loss_optimizer: Any = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save` wrote into the given objects (every process calls it, after
-    ``accelerator.prepare``); returns the train state. Every file is checked against its
+    ``accelerator.prepare``); returns the train state, with this process's own
+    state (``rank_state`` of :func:`save`; empty when the number of processes changed) under
+    ``"rank"``. Every file is checked against its
     recorded SHA-256 before anything is restored.
 
     Raises:
@@ -473,7 +479,10 @@ def load(
     scaler = getattr(acc, "scaler", None)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
-    rng = f"rng-rank{acc.process_index}"
-    if manifest.get("num_processes") == acc.num_processes and (directory / f"{rng}.json").is_file():
-        set_rng_state(load_tree(directory, rng))
-    return dict(state["train"])
+    own = f"rank-{acc.process_index}"
+    rank_state: dict[str, Any] = {}
+    if manifest.get("num_processes") == acc.num_processes and (directory / f"{own}.json").is_file():
+        saved = load_tree(directory, own)
+        set_rng_state(saved["rng"])
+        rank_state = dict(saved["state"])
+    return {**dict(state["train"]), "rank": rank_state}

@@ -27,6 +27,7 @@ from taid import checkpoint as CK
 from taid import data as D
 from taid import models as M
 from taid import sources as S
+from taid import student_data as SD
 from taid.config import Config, ConfigError, dump, first_difference, to_dict
 from taid.functional import resolve_vocab
 from taid.losses import DistillationLoss, build_loss, loss_parameters
@@ -155,9 +156,13 @@ def save_checkpoint(s: Setup, state: TrainState) -> Path:
         scheduler=s.scheduler,
         loss=s.loss_fn,
         loss_optimizer=s.loss_optimizer,
-        train_state=state.state_dict(),
+        train_state={
+            **state.state_dict(),
+            "student_data": None if s.student_data is None else s.student_data.state_dict(),
+        },
         run=run_identity(s.config),
         keep=s.config.train.keep_checkpoints,
+        rank_state={} if s.student_data is None else s.student_data.rank_state_dict(),
     )
 
 
@@ -171,17 +176,25 @@ def load_checkpoint(s: Setup, path: Path, state: TrainState) -> Path:
     errors = []
     for candidate in candidates:
         try:
-            state.load_state_dict(
-                CK.load(
-                    acc,
-                    candidate,
-                    model=s.student,
-                    optimizer=s.optimizer,
-                    scheduler=s.scheduler,
-                    loss=s.loss_fn,
-                    loss_optimizer=s.loss_optimizer,
-                )
+            loaded = CK.load(
+                acc,
+                candidate,
+                model=s.student,
+                optimizer=s.optimizer,
+                scheduler=s.scheduler,
+                loss=s.loss_fn,
+                loss_optimizer=s.loss_optimizer,
             )
+            state.load_state_dict(loaded)
+            if s.student_data is not None:
+                s.student_data.load_state_dict(loaded["student_data"])
+                if loaded["rank"]:
+                    s.student_data.load_rank_state_dict(loaded["rank"])
+                else:
+                    acc.print(
+                        "warning: the number of processes changed; the replay buffer "
+                        "of student generations starts empty"
+                    )
             return candidate
         except (CK.CheckpointError, RuntimeError, ValueError, KeyError, OSError) as e:
             errors.append(f"{candidate}: {e}")
@@ -218,6 +231,8 @@ class Setup:
     cache: T.TeacherCache | None = None
     loss_optimizer: Any = None
     """AdamW over the loss's own parameters (CTKD's temperature), or None."""
+    student_data: SD.StudentData | None = None
+    """Student-generated responses (``student_data`` section), or None."""
 
 
 def step_loss_parameters(s: Setup) -> None:
@@ -354,6 +369,7 @@ def build(config: Config) -> Setup:
     fused, teacher_fused = _loss_path(config, accelerator, teacher, student)
     loss_fn = _setup_loss(config, vocab_size)
     loss_optimizer = _loss_optimizer(config, accelerator, loss_fn)
+    student_data = _setup_student_data(config, tokenizer, student)
     if config.data.packing:
         train_examples = D.pack(train_examples, config.data.max_length)
         eval_examples = D.pack(eval_examples, config.data.max_length)
@@ -374,6 +390,7 @@ def build(config: Config) -> Setup:
         scheduler,
         cache,
         loss_optimizer,
+        student_data,
     )
 
 
@@ -542,6 +559,24 @@ def _setup_loss(config: Config, vocab_size: int | None) -> DistillationLoss:
     return build_loss(config.loss.name, reduction="sum", implementation=impl, **loss_kwargs)
 
 
+def _setup_student_data(config: Config, tokenizer: Any, student: Any) -> SD.StudentData | None:
+    """The student-data machinery when ``student_data`` is on; generation stops at the
+    tokenizer's and the student's end-of-sequence tokens."""
+    if not config.student_data.enabled():
+        return None
+    eos = {tokenizer.eos_token_id}
+    configured = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+    eos.update(configured if isinstance(configured, list) else [configured])
+    return SD.StudentData(
+        config.student_data,
+        seed=config.seed,
+        total_steps=config.train.max_steps,
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=sorted(int(i) for i in eos if i is not None),
+        max_length=config.data.max_length,
+    )
+
+
 def _loss_optimizer(config: Config, accelerator: Any, loss_fn: DistillationLoss) -> Any:
     """AdamW over the loss's own parameters (CTKD's temperature), with the run's learning rate
     and betas and no weight decay; None for losses without parameters."""
@@ -641,9 +676,15 @@ def train(config: Config) -> dict[str, Any]:
     while state.step < cfg.max_steps:
         step = state.step
         step_start = time.perf_counter()
-        micro = [
-            {k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)
-        ]
+        micro, kinds = [], []
+        for i in range(cfg.grad_accum):
+            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+            if s.student_data is not None:  # the student's own responses to these prompts
+                batch, kind = s.student_data.batch(
+                    acc.unwrap_model(s.student), batch, step, i, synced=_sharded(acc)
+                )
+                kinds.append(kind)
+            micro.append(batch)
         # Cached teacher rows are read here, so that the data wait below includes them.
         cached = [
             teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
@@ -710,6 +751,9 @@ def train(config: Config) -> dict[str, Any]:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         record.update(schedule)
+        if s.student_data is not None:  # the fraction this step drew with, and what it drew
+            record["student_fraction"] = s.student_data.fraction
+            record["student_batches"] = sum(kind != "dataset" for kind in kinds)
         state.history.append({k: record[k] for k in ("step", "loss", "t") if k in record})
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             _log(acc, metrics_path, record)
@@ -721,7 +765,10 @@ def train(config: Config) -> dict[str, Any]:
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
-            _log(acc, metrics_path, {"step": state.step, **evaluate(s)})
+            held_out = evaluate(s)
+            _log(acc, metrics_path, {"step": state.step, **held_out})
+            if s.student_data is not None and "eval/distill" in held_out:
+                s.student_data.after_eval(held_out["eval/distill"])
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
             save_checkpoint(s, state)
     if progress is not None:
