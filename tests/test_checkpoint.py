@@ -379,3 +379,18 @@ def test_resume_from_a_path_checks_the_config_too(tmp_path, uninterrupted):
     )
     with pytest.raises(ConfigError, match="different config"):
         T.check_output_dir(smoke(uninterrupted, "train.lr=0.5"))
+
+
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(
+    tmp_path, uninterrupted, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(T, "build", lambda *a: (_ for _ in ()).throw(AssertionError("built")))
+    result = T.train(smoke(out, "train.save_every=2", "train.keep_checkpoints=3"))
+    assert "holds a finished run" in capsys.readouterr().out
+    assert result["finished"] and result["steps"] == 6
+    assert result["before"]["step"] == 0 and result["after"]["step"] == 6
+    after = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before

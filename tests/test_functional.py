@@ -601,3 +601,30 @@ def test_temperature_must_be_positive():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             TF.forward_kl(s, z, labels, temperature=bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite logits are caught where they first appear, before any gradient exists
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_are_named_by_side_before_backward(name, side, value, impl):
+    student, teacher, labels = make_inputs((2, 7), 19, seed=14)
+    labels[1, 3] = 5
+    (student if side == "student" else teacher)[1, 3, 11] = value
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"the {side}'s logits contain NaN or \+inf "
+        rf"at flattened position 10 \(vocabulary ids "
+        rf"\[11\]\)",
+    ):
+        run_ours(name, student, teacher, labels, ignore_index=42, impl=impl)
+
+
+def test_non_finite_logits_at_an_ignored_position_are_not_used(impl):
+    student, teacher, labels = make_inputs((2, 7), 19, seed=14)
+    labels[1, 3] = 42
+    student[1, 3, 11] = float("nan")
+    out, g = run_ours("fkl", student, teacher, labels, ignore_index=42, impl=impl)
+    assert torch.isfinite(out) and torch.isfinite(g).all()

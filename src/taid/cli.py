@@ -13,8 +13,18 @@ def _config_from_args(
     prog: str, description: str, example: str, argv: list[str] | None
 ) -> Config | None:
     """Parse ``--config PATH [dotted.key=value ...]``; a config error is printed (None)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", "-c", help="YAML config (see docs/config.md)")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Every config key, its type, default and meaning: python -m taid.config",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        metavar="PATH",
+        help="YAML config, e.g. configs/quickstart.yaml of the repository",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}"
     )

@@ -68,6 +68,32 @@ Rows = Iterable[tuple[str, dict[str, Any]]]
 that an error names the row to fix."""
 
 
+def check_local_path(cfg: DataConfig) -> Path | None:
+    """The data file when ``data.path`` is local (None for a hub dataset): checked before any
+    model, tokenizer or process group starts.
+
+    Raises:
+        ConfigError: the file does not exist (relative paths are resolved from the current
+            directory, which the message names).
+    """
+    if not cfg.path:
+        raise ConfigError(
+            "data.path is required: a local .jsonl/.json/.parquet/.txt/.csv file "
+            "or a hub dataset name"
+        )
+    if not _is_local(cfg.path):
+        return None
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        where = (
+            ""
+            if path.is_absolute()
+            else f" (relative paths start at the current directory, {Path.cwd()})"
+        )
+        raise ConfigError(f"data.path: file {str(path)!r} does not exist{where}")
+    return path
+
+
 def load_rows(cfg: DataConfig, split: str) -> Rows:
     """The raw rows of a local file or a hub dataset.
 
@@ -79,9 +105,8 @@ def load_rows(cfg: DataConfig, split: str) -> Rows:
 
         rows = datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=cfg.streaming)
         return ((f"{cfg.path} example {i}", row) for i, row in enumerate(rows, 1))
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.path: file {str(path)!r} does not exist")
+    path = check_local_path(cfg)
+    assert path is not None
     builder = _LOCAL_LOADERS.get(path.suffix.lower())
     if builder is None:
         raise ConfigError(

@@ -340,17 +340,17 @@ def loss_terms(
             temperature=objective.temperature,
             temperature_scaling=objective.temperature_scaling,
         )
-        if out.loss.numel() and bool(out.loss.detach().max() > D.INFINITE_LOSS):
-            i = int((out.loss.detach() > D.INFINITE_LOSS).nonzero()[0])
-            raise ValueError(
-                S.explain_infinite(
-                    s[i].detach(),
-                    None if z is None else z[i],
-                    int(flat_labels[i])
-                    if flat_labels is not None and objective.distill_weight < 1
-                    else None,
-                    objective.divergence,
-                )
+        finite_enough = out.loss.detach() <= D.INFINITE_LOSS  # False for NaN too
+        if out.loss.numel() and not bool(finite_enough.all()):
+            i = int((~finite_enough).nonzero()[0])
+            S.raise_bad_loss(
+                s[i].detach(),
+                None if z is None else z[i],
+                int(flat_labels[i])
+                if flat_labels is not None and objective.distill_weight < 1
+                else None,
+                objective.divergence,
+                int(idx[i]),
             )
         loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
         stats = C.ChunkStats(loss.detach(), out.distill, out.ce)

@@ -126,13 +126,13 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
     package, filename = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)  # importing the package would import `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"built-in model {name!r} needs the package {package!r}: {_INSTALL_HINT} "
             f"(--no-deps: its own dependencies are not needed)"
         )
     source = Path(next(iter(spec.submodule_search_locations)))
     if not (source / filename).is_file():
-        raise FileNotFoundError(f"{source / filename} is missing; reinstall with {_INSTALL_HINT}")
+        raise ConfigError(f"{source / filename} is missing; reinstall with {_INSTALL_HINT}")
     return source, filename
 
 

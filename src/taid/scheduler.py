@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -105,6 +106,13 @@ class TAIDScheduler:
             )
         n = self.num_steps
         self.num_steps += 1
+        if self.num_steps == self.total_steps + 1:
+            warnings.warn(
+                f"TAIDScheduler.step was called {self.num_steps} times, more than total_steps="
+                f"{self.total_steps}: call it once per optimizer step (not per micro-batch), "
+                f"with the whole step's loss, and set total_steps to the run's optimizer steps",
+                stacklevel=2,
+            )
         if self.prev_loss is None:
             self.prev_loss = value
             if not self.adaptive:

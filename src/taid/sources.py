@@ -346,6 +346,34 @@ def exact_logits(source: TeacherSource, width: int) -> Callable[[slice], Tensor]
     return lambda rows: F.linear(hidden[rows].double(), weight64, bias64).float()
 
 
+def raise_bad_loss(
+    student: Tensor,
+    teacher: Tensor | None,
+    label: int | None,
+    divergence: str | None,
+    position: int,
+) -> None:
+    """Raise the reason one token's loss is not a finite number, from its student and teacher
+    logit rows (``[V]``, as the kernels saw them: ``-inf`` already at
+    :data:`~taid.divergences.MASKED_LOGIT`), before any gradient reaches the weights.
+
+    Raises:
+        FloatingPointError: a side's logits contain NaN or +inf (named, with the position).
+        ValueError: a slot masked on one side only makes the loss infinite
+            (:func:`explain_infinite`).
+    """
+    for side, row in (("student", student), ("teacher", teacher)):
+        if row is not None and not bool(torch.isfinite(row).all()):
+            ids = (~torch.isfinite(row)).nonzero().flatten()[:5].tolist()
+            raise FloatingPointError(
+                f"the {side}'s logits contain NaN or +inf at flattened position {position} "
+                f"(vocabulary ids {ids}); the loss would be NaN and its gradient would corrupt "
+                f"the weights. Check the {side} model's outputs (learning rate, float16 "
+                f"overflow, mixed precision)"
+            )
+    raise ValueError(explain_infinite(student, teacher, label, divergence))
+
+
 def explain_infinite(
     student: Tensor, teacher: Tensor | None, label: int | None, divergence: str | None
 ) -> str:

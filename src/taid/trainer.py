@@ -359,6 +359,7 @@ def build(config: Config) -> Setup:
     The steps run in the order that makes mistakes cheap: the data and a teacher cache are
     checked before any model is loaded.
     """
+    D.check_local_path(config.data)  # before any process group, tokenizer or model
     accelerator = _setup_accelerator(config)
     tokenizer = M.run_tokenizer(config)
     train_examples, eval_examples, all_examples = _setup_data(config, tokenizer)
@@ -622,6 +623,9 @@ def train(config: Config) -> dict[str, Any]:
     """Run a distillation from a validated config; returns the final metrics."""
     out_dir = Path(config.output_dir)
     resume_from = check_output_dir(config)
+    finished = finished_run(config, resume_from)
+    if finished is not None:
+        return finished
     s = build(config)
     acc, cfg = s.accelerator, config.train
     optimizer, scheduler = s.optimizer, s.scheduler
@@ -802,6 +806,43 @@ def _deepspeed(s: Setup) -> bool:
     from accelerate.utils import DistributedType
 
     return bool(s.accelerator.distributed_type == DistributedType.DEEPSPEED)
+
+
+def finished_run(config: Config, resume_from: Path | None) -> dict[str, Any] | None:
+    """The result of a run that already finished in ``output_dir`` (its last checkpoint is
+    at ``train.max_steps`` and ``final/`` is complete), read from its files, with a note; None
+    when there is training left to do. Nothing is loaded or rewritten."""
+    out_dir = Path(config.output_dir)
+    final_dir = out_dir / "final"
+    if resume_from is None or CK.step_of(resume_from) != config.train.max_steps:
+        return None
+    try:
+        CK.verify(final_dir)
+    except CK.CheckpointError:  # absent, incomplete or corrupt: the run writes it again
+        return None
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    evals = [r for r in rows if "eval/student_ce" in r]
+    before: dict[str, Any] = next((r for r in evals if r["step"] == 0), {})
+    after: dict[str, Any] = next(
+        (r for r in reversed(evals) if r["step"] == config.train.max_steps), {}
+    )
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        print(
+            f"{out_dir} holds a finished run ({config.train.max_steps} steps; the student is "
+            f"in {final_dir}): nothing to do. Use overwrite=true to train it again, or "
+            f"another output_dir."
+        )
+    return {
+        "before": before,
+        "after": after,
+        "steps": config.train.max_steps,
+        "final_dir": str(final_dir),
+        "samples": [],
+        "is_main_process": main,
+        "setup": None,
+        "finished": True,
+    }
 
 
 def save_final(s: Setup, step: int) -> Path:

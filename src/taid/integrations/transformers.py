@@ -122,6 +122,19 @@ class TAIDTrainerMixin(_TrainerBase):
     def _start_training(self) -> None:
         if self.loss_fn is None:
             self.loss_fn = self._new_loss(int(self.state.max_steps))
+        planned = getattr(self.loss_fn, "total_steps", None)
+        sched = getattr(self.loss_fn, "scheduler", None)
+        planned = sched.total_steps if sched is not None else planned
+        given = isinstance(self._loss_spec, DistillationLoss)  # built by the user, not here
+        steps = int(self.state.max_steps)
+        if given and planned is not None and steps > 0 and planned != steps:
+            raise ValueError(
+                f"{type(self.loss_fn).__name__} was built with total_steps={planned}, but this "
+                f"Trainer runs {self.state.max_steps} optimizer steps: its schedule would not "
+                f"reach its end (or would pass it). Build it with "
+                f"total_steps={self.state.max_steps}, or pass loss={self._loss_spec!r} by name "
+                f"so that TAIDTrainer sizes it"
+            )
         self.loss_fn.reduction = "sum"
         state = getattr(self, "_pending_state", None)
         if state is not None and isinstance(self.loss_fn, TAIDLoss):
@@ -139,6 +152,12 @@ class TAIDTrainerMixin(_TrainerBase):
         # before training starts (an early evaluate()), a loss at the schedule's start
         loss_fn = self.loss_fn or self._new_loss(1)
         loss_fn.reduction = "sum"
+        if "labels" not in inputs:
+            raise ValueError(
+                f"TAIDTrainer needs 'labels' in every batch (the tokens to distil, -100 where "
+                f"ignored); this batch has {sorted(inputs)}. Use a collator that adds them, such "
+                f"as DataCollatorForLanguageModeling(tokenizer, mlm=False)"
+            )
         labels = inputs["labels"]
         # only the model's inputs: collators (TRL's) may add masks the forward does not take
         inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
