@@ -19,3 +19,59 @@ def test_the_builtin_tokenizer_loads_without_converting_the_model(tmp_path, monk
     assert (tmp_path / "smollm2-135m-instruct.tokenizer" / "tokenizer.json").is_file()
     assert tokenizer_hash(alone) == tokenizer_hash(full)
     assert alone.pad_token_id == full.pad_token_id and len(alone) == len(full) == 49152
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_offline_with_torch_alone_and_the_loss_works(tmp_path):
+    """pip install of the built wheel into a fresh venv that has torch and nothing else:
+    `from taid import TAIDLoss` works on random logits, and taid-train names the extra."""
+    import os
+    import subprocess
+    import sys
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(dist), str(root)], check=True, timeout=600)
+    (wheel,) = dist.glob("taid-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False, system_site_packages=False)
+    python = env_dir / "bin" / "python"
+    # torch from this interpreter's site-packages, nothing else: a .pth file points at a
+    # directory holding only links to torch and its own runtime dependencies
+    import importlib.util
+
+    only = tmp_path / "only-torch"
+    only.mkdir()
+    site = Path(importlib.util.find_spec("torch").origin).parents[1]
+    for name in ("torch", "torchgen", "typing_extensions.py", "sympy", "mpmath", "networkx",
+                 "jinja2", "markupsafe", "fsspec", "filelock", "numpy", "numpy.libs"):
+        if (site / name).exists():
+            (only / name).symlink_to(site / name)
+    (site_dir := next((env_dir / "lib").glob("python*/site-packages"))).mkdir(exist_ok=True)
+    (site_dir / "only_torch.pth").write_text(str(only) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PIP_NO_INDEX"] = "1"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site_dir), str(wheel)], check=True, env=env, timeout=600)
+    code = (
+        "import sys, torch\n"
+        "from taid import TAIDLoss\n"
+        "for m in ('transformers', 'accelerate', 'datasets', 'yaml', 'safetensors'):\n"
+        "    assert m not in sys.modules, m\n"
+        "loss = TAIDLoss(total_steps=10)\n"
+        "out = loss.compute(torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11))\n"
+        "out.loss.backward(); loss.step(out.distill)\n"
+        "print('ok', round(loss.t, 3))\n"
+        "import importlib.util\n"
+        "print('transformers' , importlib.util.find_spec('transformers') is None)\n"
+        "from taid.cli import train_main\n"
+        "print('cli', train_main(['--config', 'x.yaml']))\n"
+    )
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ok 0.4" in proc.stdout and "transformers True" in proc.stdout
+    assert "cli 2" in proc.stdout and "pip install 'taid[train]'" in proc.stderr

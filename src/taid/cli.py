@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from taid.config import Config, ConfigError, load_config
+if TYPE_CHECKING:
+    from taid.config import Config
+
+_TRAIN_EXTRA = ("transformers", "datasets", "accelerate", "safetensors", "yaml")
+
+
+def _missing_train_extra() -> list[str]:
+    """The training dependencies that are not installed (the losses need torch alone)."""
+    import importlib.util
+
+    return [name for name in _TRAIN_EXTRA if importlib.util.find_spec(name) is None]
 
 
 def _config_from_args(
@@ -29,6 +40,16 @@ def _config_from_args(
         "overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}"
     )
     args = parser.parse_args(argv)
+    missing = _missing_train_extra()
+    if missing:
+        print(
+            f"{prog} needs the training dependencies ({', '.join(missing)} missing): "
+            f"pip install 'taid[train]'",
+            file=sys.stderr,
+        )
+        return None
+    from taid.config import ConfigError, load_config
+
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -47,6 +68,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     from taid.checkpoint import CheckpointError
+    from taid.config import ConfigError
     from taid.report import print_report
     from taid.trainer import train
 
@@ -76,6 +98,7 @@ def cache_main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     from taid.cache import TeacherCache, write_cache
+    from taid.config import ConfigError
 
     try:
         root = write_cache(config)
