@@ -33,8 +33,22 @@ def test_the_wheel_installs_offline_with_torch_alone_and_the_loss_works(tmp_path
 
     root = Path(__file__).resolve().parents[1]
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(dist), str(root)], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(root),
+        ],
+        check=True,
+        timeout=600,
+    )
     (wheel,) = dist.glob("taid-*.whl")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False, system_site_packages=False)
@@ -46,16 +60,42 @@ def test_the_wheel_installs_offline_with_torch_alone_and_the_loss_works(tmp_path
     only = tmp_path / "only-torch"
     only.mkdir()
     site = Path(importlib.util.find_spec("torch").origin).parents[1]
-    for name in ("torch", "torchgen", "typing_extensions.py", "sympy", "mpmath", "networkx",
-                 "jinja2", "markupsafe", "fsspec", "filelock", "numpy", "numpy.libs"):
+    for name in (
+        "torch",
+        "torchgen",
+        "typing_extensions.py",
+        "sympy",
+        "mpmath",
+        "networkx",
+        "jinja2",
+        "markupsafe",
+        "fsspec",
+        "filelock",
+        "numpy",
+        "numpy.libs",
+    ):
         if (site / name).exists():
             (only / name).symlink_to(site / name)
     (site_dir := next((env_dir / "lib").glob("python*/site-packages"))).mkdir(exist_ok=True)
     (site_dir / "only_torch.pth").write_text(str(only) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PIP_NO_INDEX"] = "1"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(site_dir), str(wheel)], check=True, env=env, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site_dir),
+            str(wheel),
+        ],
+        check=True,
+        env=env,
+        timeout=600,
+    )
     code = (
         "import sys, torch\n"
         "from taid import TAIDLoss\n"
@@ -70,8 +110,14 @@ def test_the_wheel_installs_offline_with_torch_alone_and_the_loss_works(tmp_path
         "from taid.cli import train_main\n"
         "print('cli', train_main(['--config', 'x.yaml']))\n"
     )
-    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok 0.4" in proc.stdout and "transformers True" in proc.stdout
     assert "cli 2" in proc.stdout and "pip install 'taid[train]'" in proc.stderr
