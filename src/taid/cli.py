@@ -39,6 +39,11 @@ def _config_from_args(
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and the data file, then exit without loading any model",
+    )
     args = parser.parse_args(argv)
     missing = _missing_train_extra()
     if missing:
@@ -51,10 +56,21 @@ def _config_from_args(
     from taid.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
+        if args.check:
+            from taid.data import check_local_path
+
+            check_local_path(config.data)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
+    if args.check:
+        print(
+            f"config OK: loss {config.loss.name}, {config.train.max_steps} steps, data "
+            f"{config.data.path}, output_dir {config.output_dir}"
+        )
+        raise SystemExit(0)
+    return config
 
 
 def train_main(argv: list[str] | None = None) -> int:

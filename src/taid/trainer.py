@@ -57,15 +57,13 @@ class TrainState:
 
     step: int = 0
     data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
-    history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data": dict(self.data), "history": list(self.history)}
+        return {"step": self.step, "data": dict(self.data)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.data = dict(state["data"])
-        self.history = list(state["history"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,7 +756,6 @@ def train(config: Config) -> dict[str, Any]:
         if s.student_data is not None:  # the fraction this step drew with, and what it drew
             record["student_fraction"] = s.student_data.fraction
             record["student_batches"] = sum(kind != "dataset" for kind in kinds)
-        state.history.append({k: record[k] for k in ("step", "loss", "t") if k in record})
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             _log(acc, metrics_path, record)
         if progress is not None:
@@ -789,7 +786,7 @@ def train(config: Config) -> dict[str, Any]:
     final_dir = save_final(s, state.step)
     if acc.is_main_process:
         if config.log.plot:
-            plot_history(state.history, out_dir / "loss_and_t.png")
+            plot_history(read_metrics(metrics_path), out_dir / "loss_and_t.png")
     acc.end_training()
     return {
         "before": before,
@@ -945,8 +942,11 @@ def _log(acc: Any, path: Path, record: dict[str, Any]) -> None:
     acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
-def plot_history(history: list[dict[str, float]], path: Path) -> bool:
-    """Loss and t over steps as a PNG; False when matplotlib is not installed."""
+def plot_history(rows: list[dict[str, Any]], path: Path) -> bool:
+    """The run's ``metrics.jsonl`` rows as a PNG: the training loss and the held-out
+    KL(teacher || student) against the optimizer step, and TAID's t on a second axis, with a
+    legend. With TAID the training loss is a KL to a target that moves towards the teacher, so
+    it may rise while the held-out KL falls: the plot shows both. False without matplotlib."""
     try:
         import matplotlib
 
@@ -954,17 +954,39 @@ def plot_history(history: list[dict[str, float]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    train = [r for r in rows if "loss" in r]
+    held_out = [r for r in rows if "eval/kl_teacher_student" in r]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    lines = ax.plot(
+        [r["step"] for r in train],
+        [r["loss"] for r in train],
+        color="tab:blue",
+        label="training loss (to the current target)",
+    )
+    if held_out:
+        lines += ax.plot(
+            [r["step"] for r in held_out],
+            [r["eval/kl_teacher_student"] for r in held_out],
+            "o-",
+            color="tab:green",
+            label="held-out KL(teacher || student)",
+        )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax.set_title("training loss and TAID's t" if history and "t" in history[0] else "training loss")
-    if history and "t" in history[0]:
+    ax.set_ylabel("loss (nats per token)")
+    with_t = any("t" in r for r in train)
+    if with_t:
         ax2 = ax.twinx()
-        ax2.plot(steps, [h["t"] for h in history], color="tab:red", label="t")
-        ax2.set_ylabel("t", color="tab:red")
+        lines += ax2.plot(
+            [r["step"] for r in train if "t" in r],
+            [r["t"] for r in train if "t" in r],
+            color="tab:red",
+            linestyle="--",
+            label="TAID's t (right axis)",
+        )
+        ax2.set_ylabel("t")
         ax2.set_ylim(0, 1.02)
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize=8)
+    ax.set_title("training loss, held-out KL to the teacher" + (", and t" if with_t else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
