@@ -187,3 +187,25 @@ def test_switching_the_loss_on_the_command_line_leaves_the_files_loss_keys_behin
         ).loss.params == {"alpha": 0.2}
     with pytest.raises(ConfigError, match="unknown config key 'loss.t_start'"):
         load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}", "loss.t_start=0.3"])
+
+
+def test_an_unquoted_no_is_the_string_where_the_choices_are_strings(tmp_path):
+    # YAML 1.1 reads `no` as False; train.mixed_precision's choices are "no", "bf16", "fp16"
+    assert (
+        load_config(
+            None,
+            [
+                "data.path=x.jsonl",
+                "teacher.name_or_path=x",
+                "student.name_or_path=x",
+                "train.mixed_precision=no",
+            ],
+        ).train.mixed_precision
+        == "no"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data: {path: x.jsonl}\nteacher: {name_or_path: x}\n"
+        "student: {name_or_path: x}\ntrain: {mixed_precision: no}\n"
+    )
+    assert load_config(path).train.mixed_precision == "no"

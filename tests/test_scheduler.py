@@ -161,3 +161,24 @@ def test_where_t_ends_is_what_the_docs_say():
     assert used[0] == used[1] == 0.4
     assert used[-1] == pytest.approx(0.4 + 0.6 * (N - 2) / N)
     assert s.t == pytest.approx(1 - 0.6 / N)
+
+
+def test_alpha_per_run_gives_a_run_of_any_length_the_papers_schedule_shape():
+    from taid import TAIDLoss
+    from taid.scheduler import PAPER_ALPHA_PER_RUN
+
+    scaled = TAIDScheduler(total_steps=150, alpha_per_run=PAPER_ALPHA_PER_RUN)
+    assert scaled.alpha == pytest.approx(7.8 / 150)
+    explicit = TAIDScheduler(total_steps=150, alpha=7.8 / 150)
+    losses = [3.0 * 0.99**i for i in range(150)]
+    assert [scaled.step(j) for j in losses] == [explicit.step(j) for j in losses]
+    # the shape: the adaptive part alone has brought t far above the floor by mid-run
+    half = TAIDScheduler(total_steps=150, alpha_per_run=7.8)
+    paper = TAIDScheduler(total_steps=150)
+    for j in losses[:75]:
+        half.step(j)
+        paper.step(j)
+    assert half.t > paper.t + 0.2 and paper.t == pytest.approx(paper.floor(74))
+    assert TAIDLoss(total_steps=10, alpha_per_run=7.8).scheduler.alpha == pytest.approx(0.78)
+    with pytest.raises(ValueError, match="not both"):
+        TAIDScheduler(total_steps=10, alpha=1e-3, alpha_per_run=7.8)

@@ -325,6 +325,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not {names}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in allowed:
+            # YAML 1.1 reads an unquoted `no` / `yes` as a boolean: `mixed_precision: no`
+            value = "no" if value is False else "yes"
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from taid import functional as TF
 from taid.divergences import DIVERGENCES, Divergence, check_params
 from taid.functional import LossOutput
-from taid.scheduler import TAIDScheduler
+from taid.scheduler import DEFAULT_ALPHA, TAIDScheduler
 from taid.sources import TeacherLike
 
 
@@ -202,10 +202,11 @@ class TAIDLoss(DistillationLoss):
         *,
         t_start: float = 0.4,
         t_end: float = 1.0,
-        alpha: float = 5e-4,
+        alpha: float = DEFAULT_ALPHA,
         beta: float = 0.99,
         total_steps: int | None = None,
         adaptive: bool = True,
+        alpha_per_run: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the options every loss shares (DistillationLoss)
@@ -217,6 +218,7 @@ class TAIDLoss(DistillationLoss):
                 beta=beta,
                 total_steps=total_steps,
                 adaptive=adaptive,
+                alpha_per_run=alpha_per_run,
             )
         self.scheduler = scheduler
 

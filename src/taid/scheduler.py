@@ -9,6 +9,11 @@ from typing import Any
 from torch import Tensor
 
 _CONFIG_KEYS = ("t_start", "t_end", "alpha", "beta", "total_steps", "adaptive")
+DEFAULT_ALPHA = 5e-4
+PAPER_ALPHA_PER_RUN = 7.8
+"""``alpha * N`` of the paper's instruction-tuning runs: ``alpha = 5e-4`` over about 15,600
+optimizer steps (5 epochs of ~200k conversations at batch 64). ``alpha_per_run=7.8`` gives a run
+of any length the same schedule shape."""
 _STATE_KEYS = ("t", "momentum", "dt", "prev_loss", "num_steps")
 
 
@@ -45,6 +50,11 @@ class TAIDScheduler:
         beta: momentum coefficient in [0, 1).
         total_steps: ``N``, the number of optimizer steps of the run (positive).
         adaptive: ``False`` gives the paper's linear ablation: ``t`` is the floor alone.
+        alpha_per_run: set ``alpha = alpha_per_run / total_steps`` instead of giving ``alpha``:
+            the adaptive part then moves ``t`` as far over this run as the paper's ``alpha``
+            moved it over its ~15,600 steps (:data:`PAPER_ALPHA_PER_RUN`, 7.8). Use it when
+            the run is much shorter than ``2 / alpha`` steps, where the paper's ``alpha`` leaves
+            ``t`` on the linear floor.
 
     Attributes:
         t: current interpolation coefficient.
@@ -58,16 +68,25 @@ class TAIDScheduler:
         self,
         t_start: float = 0.4,
         t_end: float = 1.0,
-        alpha: float = 5e-4,
+        alpha: float = DEFAULT_ALPHA,
         beta: float = 0.99,
         total_steps: int | None = None,
         adaptive: bool = True,
+        alpha_per_run: float | None = None,
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(
                 f"total_steps must be a positive int (the number of optimizer steps of the run, "
                 f"which sets the linear floor of t), got {total_steps!r}"
             )
+        if alpha_per_run is not None:
+            if alpha != DEFAULT_ALPHA:
+                raise ValueError(
+                    f"give alpha ({alpha}) or alpha_per_run ({alpha_per_run}), not both"
+                )
+            if not alpha_per_run >= 0.0:
+                raise ValueError(f"alpha_per_run must be >= 0, got {alpha_per_run}")
+            alpha = alpha_per_run / total_steps
         if not 0.0 <= t_start <= t_end <= 1.0:
             raise ValueError(
                 f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}"

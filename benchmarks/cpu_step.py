@@ -1,0 +1,122 @@
+"""The quickstart's optimizer step on this machine under each CPU option, in fresh processes,
+one after the other: float32, bfloat16 autocast (``train.mixed_precision=bf16``), packing.
+
+    python benchmarks/cpu_step.py [--steps 10] [--options fp32,bf16,packing]
+
+For each option: the median step time and target tokens/s after two warm-up steps, the training
+loss of every step relative to float32 (the same batches unless packing changes them), and the
+held-out KL(teacher || student) after the steps. The CPU is named with the features that decide
+the answer (AVX-512 BF16 and AMX instructions make bfloat16 matmuls fast; AVX2 alone does not).
+Run it alone: timings on a shared 2-core machine vary 10-30% run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {
+    "fp32": ["train.mixed_precision=no"],
+    "bf16": ["train.mixed_precision=bf16"],
+    "packing": ["data.packing=true"],
+}
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that matter for bfloat16."""
+    model, flags = "unknown CPU", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    have = [f for f in wanted if f in flags]
+    import torch
+
+    return (
+        f"{model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + str(wanted)};"
+        f" torch {torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
+def run(option: str, steps: int, workdir: Path) -> dict:
+    out = workdir / option
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"output_dir={out}",
+        "overwrite=true",
+        f"train.max_steps={steps}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.warmup_steps=2",
+        "data.eval_size=16",
+        "log.samples=0",
+        "log.progress=false",
+        "log.plot=false",
+        "log.trackers=[]",
+        *OPTIONS[option],
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    timed = train[2:] or train
+    after = [r for r in rows if "eval/kl_teacher_student" in r][-1]
+    return {
+        "step_s": statistics.median(r["step_s"] for r in timed),
+        "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in timed),
+        "losses": [r["loss"] for r in train],
+        "kl": after["eval/kl_teacher_student"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--options", default="fp32,bf16,packing")
+    args = parser.parse_args()
+    options = args.options.split(",")
+    print(cpu_description())
+    print(f"python benchmarks/cpu_step.py --steps {args.steps} --options {args.options}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {option: run(option, args.steps, Path(tmp)) for option in options}
+    base = results.get("fp32", {})
+    print(
+        "| option | step s | tokens/s | x fp32 tokens/s | max loss rel. diff. vs fp32 | "
+        "held-out KL |"
+    )
+    print("|---|---|---|---|---|---|")
+    for option, r in results.items():
+        if "error" in r:
+            print(f"| {option} | failed: {r['error']} | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None
+        diff = (
+            max(abs(a / b - 1) for a, b in zip(r["losses"], base["losses"]))
+            if "losses" in base and option != "packing"
+            else None
+        )
+        print(
+            f"| {option} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | "
+            f"{'-' if diff is None else f'{diff:.2e}'} | {r['kl']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
