@@ -6,8 +6,9 @@ constraints below (written for this repository, Apache-2.0); every response is t
 of SmolLM2-135M-Instruct. No third-party text is included. Runs hold out 200 examples with
 ``data.eval_size: 200`` and a fixed ``data.eval_seed``.
 
-Resumable: answers are appended to ``runs/data/<name>.partial`` (an ignored folder) 256 at a
-time; a rerun skips the prompts already answered and writes ``<out>`` when all are.
+Resumable: answers are appended to ``$TAID_CACHE/data/<name>.partial`` (``~/.cache/taid``,
+outside the work tree) a batch at a time; a rerun skips the prompts already answered and writes
+``<out>`` when all are.
 
     python scripts/build_distill_data.py [--n 3400] [--max-new-tokens 128]
 """
@@ -166,12 +167,16 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from build_quickstart_data import answer  # the same teacher, decoding and chat template
+    # the same teacher, decoding and chat template as the quickstart data
+    from build_quickstart_data import answer, load_teacher
 
     questions = prompts(args.n, args.seed)
     out = Path(args.out)
-    # progress lives in the ignored run folder, so a killed build resumes from it
-    partial = Path(__file__).resolve().parents[1] / "runs" / "data" / (out.name + ".partial")
+    # progress lives beside the converted built-in teacher ($TAID_CACHE, ~/.cache/taid), outside
+    # the work tree, so that a killed build resumes from it, even in a fresh checkout
+    from taid.models import cache_dir
+
+    partial = cache_dir() / "data" / (out.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, str] = {}
     if partial.is_file():
@@ -183,10 +188,10 @@ def main() -> None:
             done[row["q"]] = row["a"]
     todo = [q for q in questions if q not in done]
     print(f"{len(done)} answered, {len(todo)} to go", flush=True)
-    per_load = 8 * args.batch_size  # answers per model load, saved together
-    for start in range(0, len(todo), per_load):
-        chunk = todo[start : start + per_load]
-        answers = answer(chunk, args.max_new_tokens, args.batch_size)
+    teacher = load_teacher() if todo else None
+    for start in range(0, len(todo), args.batch_size):  # saved after every batch
+        chunk = todo[start : start + args.batch_size]
+        answers = answer(chunk, args.max_new_tokens, args.batch_size, teacher)
         with partial.open("a") as f:
             for q, a in zip(chunk, answers):
                 f.write(json.dumps({"q": q, "a": a}) + "\n")

@@ -126,8 +126,8 @@ def prompts(n: int, seed: int) -> list[str]:
     return out[:n]
 
 
-@torch.no_grad()
-def answer(questions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def load_teacher() -> tuple:
+    """The built-in teacher and its tokenizer, padding on the left for batched generation."""
     from transformers import AutoModelForCausalLM
 
     from taid.models import builtin_model_dir, load_tokenizer
@@ -135,7 +135,13 @@ def answer(questions: list[str], max_new_tokens: int, batch_size: int) -> list[s
     path = builtin_model_dir("smollm2-135m-instruct")
     tok = load_tokenizer(str(path))
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tok
+
+
+@torch.no_grad()
+def answer(questions: list[str], max_new_tokens: int, batch_size: int, teacher=None) -> list[str]:
+    """Greedy answers of the built-in teacher (``teacher``: a ``load_teacher()`` pair)."""
+    model, tok = teacher or load_teacher()
     answers = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
