@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import two_processes
 
 from taid import cache as T
 from taid import data as D
@@ -24,13 +22,6 @@ from taid.sources import TopKTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
 SMALL = [
     "data.max_examples=24",
     "data.eval_size=4",
@@ -394,19 +385,13 @@ def test_a_cache_of_other_settings_is_not_overwritten_silently(tmp_path):
 @pytest.mark.slow
 def test_two_processes_write_the_same_cache_as_one(tmp_path):
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(ROOT / "scripts" / "cache_teacher.py"),
+    proc = two_processes(
+        ROOT / "scripts" / "cache_teacher.py",
         "--config",
         str(SMOKE),
         f"teacher.cache_dir={two}",
         *SMALL,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bytes per token" in proc.stdout
     cfg = written(tmp_path)

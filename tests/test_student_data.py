@@ -4,13 +4,11 @@ several processes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import two_processes
 
 from taid import data as D
 from taid import student_data as SD
@@ -19,13 +17,6 @@ from taid.config import ConfigError, StudentDataConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
 ON = ["student_data.fraction=0.5", "student_data.max_new_tokens=8"]
 QUIET = ["log.trackers=[]", "log.plot=false"]
 
@@ -188,21 +179,15 @@ def test_a_killed_run_on_student_generations_resumes_to_the_same_weights(tmp_pat
 @pytest.mark.slow
 def test_two_processes_generate_and_train_together(tmp_path):
     out = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(ROOT / "scripts" / "train.py"),
+    proc = two_processes(
+        ROOT / "scripts" / "train.py",
         "--config",
         str(SMOKE),
         f"output_dir={out}",
         "train.batch_size=2",
         *STUDENT_RUN,
         *QUIET,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0, rank1 = rows(out), rows(out, "metrics.rank1.jsonl")
     assert len(rank0) == len(rank1) == 8

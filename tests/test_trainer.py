@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import ENV, two_processes
 
 from taid import data as D
 from taid import trainer as T
@@ -17,13 +17,6 @@ from taid.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def smoke(tmp_path: Path, *overrides: str):
@@ -132,21 +125,15 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     out2 = tmp_path / "two"
     # accelerate launch with two processes on this CPU machine (torchrun + gloo; see the config)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(ROOT / "scripts" / "train.py"),
+    proc = two_processes(
+        ROOT / "scripts" / "train.py",
         "--config",
         str(SMOKE),
         f"output_dir={out2}",
         "train.batch_size=2",
         "train.save_every=0",
         "train.eval_every=0",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = [r for r in metrics(out2) if "loss" in r]
     rank1 = metrics(out2, "metrics.rank1.jsonl")
@@ -420,16 +407,7 @@ print("rank 0 was not stopped")
 def test_a_hanging_rank_stops_the_others_after_the_collective_timeout(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANGING_RANK)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(script),
-        "3",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    proc = two_processes(script, "3", timeout=240)
     assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     waited = int(proc.stdout.split("after ")[1].split(" s")[0])
     assert waited < 60
@@ -459,13 +437,8 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
 # FSDP for real: two CPU processes, accelerate's FSDP2 preparation (tests/fsdp_cpu.py)
 # --------------------------------------------------------------------------------------------
 def launch(script: Path, out: Path, *overrides: str, env: dict | None = None):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(script),
+    return two_processes(
+        script,
         "--config",
         str(SMOKE),
         f"output_dir={out}",
@@ -474,9 +447,7 @@ def launch(script: Path, out: Path, *overrides: str, env: dict | None = None):
         "train.keep_checkpoints=3",
         "log.trackers=[]",
         *overrides,
-    ]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=ROOT, timeout=900
+        env=env,
     )
 
 
