@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from taid import functional as TF
 from taid.divergences import DIVERGENCES, Divergence, check_params
 from taid.functional import LossOutput
-from taid.scheduler import DEFAULT_ALPHA, TAIDScheduler
+from taid.scheduler import TAIDScheduler
 from taid.sources import TeacherLike
 
 
@@ -196,30 +196,15 @@ class TAIDLoss(DistillationLoss):
 
     divergence = "taid"
 
-    def __init__(
-        self,
-        scheduler: TAIDScheduler | None = None,
-        *,
-        t_start: float = 0.4,
-        t_end: float = 1.0,
-        alpha: float = DEFAULT_ALPHA,
-        beta: float = 0.99,
-        total_steps: int | None = None,
-        adaptive: bool = True,
-        alpha_per_run: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)  # the options every loss shares (DistillationLoss)
+    def __init__(self, scheduler: TAIDScheduler | None = None, **kwargs: Any) -> None:
+        # The schedule's settings are TAIDScheduler's own (t_start, alpha, total_steps, ...,
+        # with its defaults); the rest are the options every loss shares.
+        schedule = {k: kwargs.pop(k) for k in _SCHEDULER_PARAMS if k in kwargs}
+        super().__init__(**kwargs)
         if scheduler is None:
-            scheduler = TAIDScheduler(
-                t_start=t_start,
-                t_end=t_end,
-                alpha=alpha,
-                beta=beta,
-                total_steps=total_steps,
-                adaptive=adaptive,
-                alpha_per_run=alpha_per_run,
-            )
+            scheduler = TAIDScheduler(**schedule)
+        elif schedule:
+            raise ValueError(f"give a scheduler or its settings {sorted(schedule)}, not both")
         self.scheduler = scheduler
 
     @property
@@ -422,7 +407,25 @@ class CTKDLoss(DistillationLoss):
         self.num_steps = int(state["num_steps"])
 
 
+_SCHEDULER_PARAMS = [
+    p.name
+    for p in inspect.signature(TAIDScheduler.__init__).parameters.values()
+    if p.name != "self"
+]
 TAIDLoss.spec = DIVERGENCES["taid"]
+TAIDLoss.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("scheduler", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(TAIDScheduler.__init__).parameters.values()
+        if p.name != "self"
+    ]
+    + [
+        p
+        for p in inspect.signature(DistillationLoss.__init__).parameters.values()
+        if p.name != "self"
+    ]
+)
 LOSSES: dict[str, type[DistillationLoss]] = {"taid": TAIDLoss}
 """Every loss by its registry name (the ``loss.name`` of a config): one per divergence of
 :data:`taid.divergences.DIVERGENCES`, and ``sft``."""
