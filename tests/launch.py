@@ -1,5 +1,5 @@
-"""Two CPU processes under accelerate, as the tests launch them (torchrun + gloo; see
-configs/accelerate/cpu_2proc.yaml)."""
+"""Running the trainer in the tests: two CPU processes under accelerate (torchrun + gloo; see
+configs/accelerate/cpu_2proc.yaml), and a kill at a chosen step."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ def two_processes(
     return subprocess.run(
         cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=ROOT, timeout=timeout
     )
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_at_step` in place of a micro-batch's loss: a crash mid-run."""
+
+
+def kill_at_step(monkeypatch, step: int, *, grad_accum: int = 2, micro: int = 1) -> None:
+    """Make taid's training loop raise :class:`Killed` in micro-batch ``micro`` of optimizer
+    step ``step`` (both 1-based), as a kill there would stop it."""
+    from taid import trainer as T
+
+    real, calls = T.batch_loss, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == grad_accum * (step - 1) + micro:
+            raise Killed(f"killed in step {step}, micro-batch {micro}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "batch_loss", crashing)

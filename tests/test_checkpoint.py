@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import Killed, kill_at_step
 
 from taid import checkpoint as CK
 from taid import trainer as T
@@ -39,28 +40,11 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_at_step(monkeypatch, step: int, grad_accum: int = 2) -> None:
-    """Make the loop raise in the first micro-batch of (1-based) optimizer step ``step``."""
-    real, calls = T.batch_loss, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == grad_accum * (step - 1) + 1:
-            raise Crash
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "batch_loss", crashing)
-
-
 def crashed_run(tmp_path: Path, monkeypatch, *overrides: str) -> Path:
     """A smoke run (6 steps, checkpoints every 2) killed in step 5: step-2 and step-4 exist."""
     config = smoke(tmp_path / "run", "train.save_every=2", "train.keep_checkpoints=3", *overrides)
-    crash_at_step(monkeypatch, 5)
-    with pytest.raises(Crash):
+    kill_at_step(monkeypatch, 5)
+    with pytest.raises(Killed):
         T.train(config)
     monkeypatch.undo()
     out = Path(config.output_dir)

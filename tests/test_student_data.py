@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import two_processes
+from launch import Killed, kill_at_step, two_processes
 
 from taid import data as D
 from taid import student_data as SD
@@ -156,19 +156,11 @@ def test_a_killed_run_on_student_generations_resumes_to_the_same_weights(tmp_pat
     kinds = [r["student_batches"] for r in rows(tmp_path / "a")]
     assert sum(kinds) > 0 and len(full["setup"].student_data.buffer) > 0
 
-    real, calls = T.batch_loss, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:  # the first micro-batch of step 5
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "batch_loss", crashing)
+    kill_at_step(monkeypatch, 5)
     config = smoke(tmp_path / "b", *STUDENT_RUN)
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(Killed):
         T.train(config)
-    monkeypatch.setattr(T, "batch_loss", real)
+    monkeypatch.undo()
     resumed = T.train(config)
     assert resumed["setup"].student_data.state_dict() == full["setup"].student_data.state_dict()
     assert [r["loss"] for r in rows(tmp_path / "b")] == [r["loss"] for r in rows(tmp_path / "a")]

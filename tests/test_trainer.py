@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import ENV, two_processes
+from launch import ENV, Killed, kill_at_step, two_processes
 
 from taid import data as D
 from taid import trainer as T
@@ -85,31 +85,18 @@ def test_cli_end_to_end(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     full = T.train(smoke(tmp_path / "a", "train.save_every=2"))
     full_dir = Path(full["final_dir"]).parent
 
-    calls = {"n": 0}
-    real = T.batch_loss
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 3 + 2:  # step 4 (0-based 3), second micro-batch: mid-step
-            raise Crash
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "batch_loss", crashing)
+    kill_at_step(monkeypatch, 4, micro=2)  # mid-step: the second micro-batch of step 4
     config = smoke(tmp_path / "b", "train.save_every=2")
-    with pytest.raises(Crash):
+    with pytest.raises(Killed):
         T.train(config)
     out = Path(config.output_dir)
     assert [p.name for p in T.checkpoints(out)] == ["step-00000002"]
-    monkeypatch.setattr(T, "batch_loss", real)
+    monkeypatch.undo()
     resumed = T.train(config)
     assert resumed["steps"] == 6
     a, b = weights(full_dir / "final"), weights(out / "final")
@@ -508,19 +495,11 @@ def test_ctkd_trains_its_temperature_and_resumes_exactly(tmp_path, monkeypatch):
     assert abs(temps[-1] - temps[0]) > 1e-3, temps
     theta = float(full["setup"].loss_fn.theta)
 
-    real, calls = T.batch_loss, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:  # first micro-batch of step 5
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "batch_loss", crashing)
+    kill_at_step(monkeypatch, 5)
     config = smoke(tmp_path / "b", *overrides)
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(Killed):
         T.train(config)
-    monkeypatch.setattr(T, "batch_loss", real)
+    monkeypatch.undo()
     resumed = T.train(config)
     assert float(resumed["setup"].loss_fn.theta) == theta
     a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
