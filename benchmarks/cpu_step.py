@@ -29,26 +29,6 @@ OPTIONS = {
 }
 
 
-def cpu_description() -> str:
-    """The CPU model and the flags that matter for bfloat16."""
-    model, flags = "unknown CPU", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
-    have = [f for f in wanted if f in flags]
-    import torch
-
-    return (
-        f"{model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + str(wanted)};"
-        f" torch {torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}"
-    )
-
-
 def run(option: str, steps: int, workdir: Path) -> dict:
     out = workdir / option
     cmd = [
@@ -91,7 +71,9 @@ def main() -> None:
     parser.add_argument("--options", default="fp32,bf16,packing")
     args = parser.parse_args()
     options = args.options.split(",")
-    print(cpu_description())
+    from taid.hardware import describe_device
+
+    print(describe_device())
     print(f"python benchmarks/cpu_step.py --steps {args.steps} --options {args.options}\n")
     with tempfile.TemporaryDirectory() as tmp:
         results = {option: run(option, args.steps, Path(tmp)) for option in options}

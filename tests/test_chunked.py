@@ -87,6 +87,31 @@ def test_fused_bf16_inputs_and_weights(name):
         assert err < 3e-2
 
 
+@pytest.mark.parametrize("name", ["taid", "fkl", "jsd"])
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden"])
+def test_fused_under_bf16_autocast_matches_float32(name, teacher_kind):
+    """Float32 weights under bfloat16 autocast (``train.mixed_precision=bf16``): the products
+    with the output layer run in bfloat16, the softmax arithmetic in float32, and loss and
+    gradients stay within bfloat16 rounding of the float32 reference; gradients keep the
+    weights' dtype."""
+    hidden, weight, bias, t_hidden, t_weight, labels = fused_inputs(seed=2)
+    if teacher_kind == "logits":
+        teacher, kw = (t_hidden.double() @ t_weight.double().T).float(), {}
+    else:
+        teacher, kw = t_hidden, {"teacher_weight": t_weight}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = run_fused(name, hidden, weight, bias, teacher, labels, 2.0, chunk_size=7, **kw)
+    t_logits = t_hidden.double() @ t_weight.double().T
+    ref = reference_fused(name, hidden, weight, bias, t_logits, labels, 2.0)
+    assert ours[0].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in ours[1:])
+    # bfloat16 keeps 8 bits of mantissa: relative error ~2^-8 per product
+    torch.testing.assert_close(ours[0].double(), ref[0].detach(), rtol=3e-2, atol=3e-3)
+    for got, want, what in zip(ours[1:], ref[1:], ["hidden", "weight", "bias"]):
+        err = float((got.double() - want).norm() / want.norm())
+        assert err < 3e-2, (what, err)
+
+
 def test_fused_sum_reduction_and_vocab_slicing():
     hidden, weight, bias, _, _, labels = fused_inputs(V=64, seed=2)
     _, teacher, _ = make_inputs((3, 29), 70, seed=3)  # teacher padded to 70 rows

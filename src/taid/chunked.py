@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taid import divergences as D
-from taid.sources import Rows, TeacherSource, finite, raise_bad_loss, take
+from taid.sources import Rows, TeacherSource, finite, lowered, raise_bad_loss, take
 
 # Chunk sizing. On CPU the kernels are memory-bound: a chunk whose float32 temporaries fit in
 # L2 (~2 MiB each) runs fastest (measured with benchmarks/loss_memory.py). On GPU per-chunk
@@ -278,8 +278,11 @@ class _FusedLinear(torch.autograd.Function):
         reduction: str,
         temperature: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        w_rows = weight[:width]
-        b_rows = None if bias is None else bias[:width]
+        # under autocast, the output layer cast once (not once per chunk) for the logits and
+        # the hidden-state gradient; a float32 weight's gradient still accumulates in place in
+        # float32 (a low-precision product per chunk plus an add costs more on CPU)
+        w_rows = lowered(weight[:width])
+        b_rows = None if bias is None else lowered(bias[:width])
         grad_h = _empty_grad(hidden, idx, hidden.shape[1])
         # accumulated over chunks: keep float32 whatever the weight dtype
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -300,11 +303,11 @@ class _FusedLinear(torch.autograd.Function):
             h = chunk_hidden.pop("h")
             if scale != 1.0:
                 g.mul_(scale)
-            g = g.to(weight.dtype)
-            _write_rows(grad_h, rows, g @ w_rows)
+            _write_rows(grad_h, rows, g.to(w_rows.dtype) @ w_rows)
             if weight.dtype == torch.float32:
-                grad_w[:width].addmm_(g.t(), h)
+                grad_w[:width].addmm_(g.float().t(), h.float())
             else:  # low-precision product, float32 accumulation across chunks
+                g = g.to(weight.dtype)
                 grad_w[:width].add_(g.t() @ h)
             if grad_b is not None:
                 grad_b[:width].add_(g.sum(0, dtype=torch.float32))

@@ -168,8 +168,10 @@ class TrainConfig:
     """Linear warm-up steps; ``null``: 5% of ``max_steps`` (rounded down)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping (``null`` disables)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision through accelerate."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision of the student, the teacher and the loss (weights and optimizer stay
+    float32). ``auto``: ``bf16`` where bfloat16 is native (CUDA devices that support it, CPUs
+    with AMX or AVX-512 BF16), else ``no`` (float32); see :mod:`taid.hardware`."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     eval_batches: int | None = None

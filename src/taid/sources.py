@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,6 +44,22 @@ def finite(x: Tensor, *, fresh: bool) -> Tensor:
     if y is x and not fresh:
         return torch.clamp_min(x, D.MASKED_LOGIT)
     return y.clamp_min_(D.MASKED_LOGIT)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def lowered(x: Tensor) -> Tensor:
+    """``x`` cast once to the active autocast dtype (unchanged when autocast is off or ``x`` is
+    not float32). The chunk loops multiply every chunk by the same output layer: autocast would
+    cast the layer again for every chunk (it caches casts of leaf parameters only, and a row
+    slice is not one), and on CPU that cast costs as much as the product itself."""
+    dtype = autocast_dtype(x.device)
+    return x if dtype is None or x.dtype != torch.float32 else x.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +111,9 @@ class LinearTeacher:
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    _head: tuple[int, torch.dtype | None, Tensor, Tensor | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def width(self) -> int:
@@ -105,8 +124,17 @@ class LinearTeacher:
         return self.hidden.shape[0]
 
     def rows(self, rows: Rows, width: int) -> Tensor:
-        bias = None if self.bias is None else self.bias[:width]
-        return finite(F.linear(take(self.hidden, rows), self.weight[:width], bias), fresh=True)
+        weight, bias = self._output_layer(width)
+        return finite(F.linear(take(self.hidden, rows), weight, bias), fresh=True)
+
+    def _output_layer(self, width: int) -> tuple[Tensor, Tensor | None]:
+        """The first ``width`` rows of the output layer, cast to the autocast dtype once per
+        source rather than once per chunk (see :func:`lowered`)."""
+        dtype = autocast_dtype(self.weight.device)
+        if self._head is None or self._head[:2] != (width, dtype):
+            bias = None if self.bias is None else lowered(self.bias[:width])
+            self._head = (width, dtype, lowered(self.weight[:width]), bias)
+        return self._head[2], self._head[3]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch import Tensor
 from taid import cache as T
 from taid import checkpoint as CK
 from taid import data as D
+from taid import hardware as H
 from taid import models as M
 from taid import sources as S
 from taid import student_data as SD
@@ -271,16 +272,21 @@ def batch_loss(
     teacher: S.TeacherSource | None = None,
 ) -> Any:
     """The summed loss of one micro-batch (``reduction="sum"``) with its parts; ``teacher``
-    is computed here when not given."""
-    if loss_fn.divergence is not None and teacher is None:
-        teacher = teacher_source(s, batch)
+    is computed here when not given.
+
+    Everything runs under the run's autocast (``train.mixed_precision``): the student, the
+    teacher (not prepared by accelerate, so not wrapped) and the loss's products with the
+    output layer; the loss's softmax arithmetic stays float32."""
     labels, inputs, acc = batch["labels"], model_inputs(batch), s.accelerator
-    if s.fused:
-        hidden = M.final_hidden(s.student, acc.unwrap_model(s.student), **inputs)
-        weight, bias = M.plain_linear_head(acc.unwrap_model(s.student))
-        return loss_fn.compute_fused(hidden, weight, teacher, labels, student_bias=bias)
-    logits = s.student(**inputs, use_cache=False).logits
-    return loss_fn.compute(logits, teacher, labels)
+    with acc.autocast():
+        if loss_fn.divergence is not None and teacher is None:
+            teacher = teacher_source(s, batch)
+        if s.fused:
+            hidden = M.final_hidden(s.student, acc.unwrap_model(s.student), **inputs)
+            weight, bias = M.plain_linear_head(acc.unwrap_model(s.student))
+            return loss_fn.compute_fused(hidden, weight, teacher, labels, student_bias=bias)
+        logits = s.student(**inputs, use_cache=False).logits
+        return loss_fn.compute(logits, teacher, labels)
 
 
 @torch.no_grad()
@@ -310,21 +316,8 @@ def evaluate(s: Setup) -> dict[str, float]:
         limit=s.config.train.eval_batches,
     )
     has_teacher = s.teacher is not None or s.cache is not None
-    for batch in batches:
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        labels = batch["labels"]
-        logits = s.student(**model_inputs(batch), use_cache=False).logits
-        ce = ce_fn.compute(logits, None, labels)
-        totals[0] += ce.num_tokens
-        totals[1] += ce.loss.double()
-        if has_teacher:
-            source = teacher_source(s, batch)
-            width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
-            distill = s.loss_fn.compute(logits, source, labels).distill
-            if distill is not None:
-                totals[2] += distill.double()
-            totals[3] += kl_fn.compute(logits, source, labels).loss.double()
-            totals[4] += T.teacher_cross_entropy(source, labels, width)
+    with acc.autocast():
+        _evaluate_batches(s, batches, has_teacher, kl_fn, ce_fn, totals)
     totals = acc.reduce(totals, reduction="sum")
     s.student.train()
     n = max(totals[0].item(), 1.0)
@@ -346,6 +339,33 @@ def evaluate(s: Setup) -> dict[str, float]:
     if hasattr(s.loss_fn, "t"):
         metrics["eval/t"] = s.loss_fn.t
     return metrics
+
+
+def _evaluate_batches(
+    s: Setup,
+    batches: Any,
+    has_teacher: bool,
+    kl_fn: DistillationLoss,
+    ce_fn: DistillationLoss,
+    totals: Tensor,
+) -> None:
+    """Add each held-out batch's sums to ``totals``: target tokens, student cross-entropy,
+    distillation loss, KL(teacher || student), teacher cross-entropy."""
+    for batch in batches:
+        batch = {k: v.to(s.accelerator.device) for k, v in batch.items()}
+        labels = batch["labels"]
+        logits = s.student(**model_inputs(batch), use_cache=False).logits
+        ce = ce_fn.compute(logits, None, labels)
+        totals[0] += ce.num_tokens
+        totals[1] += ce.loss.double()
+        if has_teacher:
+            source = teacher_source(s, batch)
+            width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
+            distill = s.loss_fn.compute(logits, source, labels).distill
+            if distill is not None:
+                totals[2] += distill.double()
+            totals[3] += kl_fn.compute(logits, source, labels).loss.double()
+            totals[4] += T.teacher_cross_entropy(source, labels, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,6 +419,16 @@ def _sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def run_precision(config: Config) -> str | None:
+    """The autocast precision of this run: ``train.mixed_precision``, with ``auto`` resolved
+    by :func:`taid.hardware.resolve_precision`, or left to the launch config (None) under
+    ``accelerate launch``, whose ``mixed_precision`` then applies."""
+    requested = config.train.mixed_precision
+    if requested == "auto" and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return None
+    return H.resolve_precision(requested)
+
+
 def _setup_accelerator(config: Config) -> Any:
     """The Accelerator, refused when it does not run the requested mode; seeds everything."""
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -411,13 +441,17 @@ def _setup_accelerator(config: Config) -> Any:
         # The LR schedule counts optimizer steps; accelerate would otherwise step it once per
         # process each step (it assumes a per-process sharded dataloader).
         step_scheduler_with_optimizer=False,
-        mixed_precision=config.train.mixed_precision,
+        mixed_precision=run_precision(config),
         log_with=trackers or None,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
         ),
     )
     M.check_distribution(accelerator)
+    if config.train.mixed_precision == "auto":
+        accelerator.print(
+            f"train.mixed_precision=auto: {accelerator.mixed_precision} on {H.describe_device()}"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED and config.train.save_every:
         raise ConfigError(
             "train.save_every: checkpoints are not supported under DeepSpeed (its "
