@@ -23,11 +23,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from taid import data as D
 from taid import models as M
 from taid import trainer as TR
 from taid.config import Config, ConfigError, load_config
+from taid.hardware import describe_device
 
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
@@ -49,6 +50,9 @@ PLAN_KEYS = {
     "methods",
     "generation",
     "capacity",
+    "results",
+    "curves",
+    "paired",
     "quick",
 }
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
@@ -66,6 +70,8 @@ def load_plan(path: Path, quick: bool) -> dict[str, Any]:
     if quick:
         plan.update(raw.get("quick") or {})
     plan["config"] = (path.parent / plan["config"]).resolve()
+    if plan.get("results"):
+        plan["results"] = (path.parent / plan["results"]).resolve()
     return plan
 
 
@@ -115,16 +121,27 @@ def prompts_and_references(
     return prompts, refs
 
 
+def stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: the model's end-of-sequence ids and the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    out = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        out.add(tokenizer.eos_token_id)
+    return out
+
+
 @torch.no_grad()
 def greedy_answers(
     model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
-) -> list[str]:
-    """Greedy continuations of ``prompts``, batched with left padding."""
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy continuations of ``prompts``, batched with left padding: their text, and their
+    token ids up to and including the first end-of-sequence token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    answers = []
+    answers, answer_ids = [], []
+    stops = stop_ids(model, tokenizer)
     for i in range(0, len(prompts), batch_size):
         group = prompts[i : i + batch_size]
         width = max(len(p) for p in group)
@@ -137,9 +154,51 @@ def greedy_answers(
             do_sample=False,
             pad_token_id=pad,
         )
-        answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        for row in out[:, width:].tolist():
+            end = next((k + 1 for k, tok in enumerate(row) if tok in stops), len(row))
+            answer_ids.append(row[:end])
+            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     model.train(was_training)
-    return answers
+    return answers, answer_ids
+
+
+@torch.no_grad()
+def teacher_nll(teacher: Any, prompts: list[list[int]], answers: list[list[int]]) -> float:
+    """The teacher's mean negative log-likelihood per token of ``answers`` given their
+    ``prompts`` (token-weighted over all answers): how likely the teacher finds what the student
+    says, without reference answers. Lower is better."""
+    device = next(teacher.parameters()).device
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers):
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=device)
+        logits = teacher(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits.float(), -1)
+        target = torch.tensor(answer, device=device)[:, None]
+        total -= float(logp.gather(1, target).double().sum())
+        count += len(answer)
+    return total / count if count else float("nan")
+
+
+def load_teacher(config: Config) -> Any:
+    """The run's teacher, built as the trainer builds it (a random one from its architecture
+    draws with the run's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return M.freeze(M.load_model(config.teacher))
+
+
+_SCORERS: dict[str, Any] = {}
+
+
+def scoring_teacher(config: Config) -> Any:
+    """The teacher that scores a run's answers, loaded once per process and teacher."""
+    key = json.dumps([config.teacher.name_or_path, config.teacher.architecture, config.seed])
+    if key not in _SCORERS:
+        _SCORERS.clear()  # one at a time: the capacity ladder visits its teachers in turn
+        _SCORERS[key] = load_teacher(config)
+    return _SCORERS[key]
 
 
 def rouge_l(answers: list[str], references: list[str]) -> float:
@@ -163,45 +222,75 @@ def run_one(
     plan: dict[str, Any],
     out: Path,
     overrides: list[str],
+    result_path: Path,
     *,
     keep_final: bool = False,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Train one configuration (or reuse its summary) and measure it."""
-    summary_path = out / "summary.json"
-    if summary_path.is_file() and not fresh:
-        return json.loads(summary_path.read_text())
+    """Train one configuration and measure it, or read its result file if it exists (a
+    finished run is never redone unless ``fresh``). An interrupted run resumes from its last
+    checkpoint in ``out``."""
+    if result_path.is_file() and not fresh:
+        return json.loads(result_path.read_text())
     config = config_for(plan, out, *overrides)
     start = time.perf_counter()
     result = TR.train(config)
-    wall = time.perf_counter() - start
+    train_s = time.perf_counter() - start
     s = result["setup"]
-    gen = plan["generation"]
-    prompts, refs = prompts_and_references(s.eval_examples, s.tokenizer, gen["prompts"])
-    answers = greedy_answers(
-        s.accelerator.unwrap_model(s.student), s.tokenizer, prompts, gen["max_new_tokens"]
-    )
-    history = TR.read_metrics(out / "metrics.jsonl")
     summary = {
         "overrides": overrides,
-        "wall_s": wall,
+        "machine": describe_device(),
+        "wall_s": train_s,
         "steps": result["steps"],
         "kl": result["after"].get("eval/kl_teacher_student"),
         "ppl": result["after"]["eval/student_ppl"],
         "teacher_ppl": result["after"].get("eval/teacher_ppl"),
-        "rougeL": rouge_l(answers, refs),
+        **generation_metrics(plan, config, s),
         **probability_mass(s),
+        **curves(TR.read_metrics(out / "metrics.jsonl")),
+    }
+    summary["eval_s"] = time.perf_counter() - start - train_s
+    for name in ("checkpoints",) + (() if keep_final else ("final",)):
+        shutil.rmtree(out / name, ignore_errors=True)  # gigabytes each, not needed
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, result_path)
+    return summary
+
+
+def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dict[str, Any]:
+    """ROUGE-L of the student's greedy answers to the held-out prompts against the references,
+    and the teacher's NLL of those answers."""
+    gen = plan["generation"]
+    prompts, refs = prompts_and_references(s.eval_examples, s.tokenizer, gen["prompts"])
+    student = s.accelerator.unwrap_model(s.student)
+    answers, answer_ids = greedy_answers(student, s.tokenizer, prompts, gen["max_new_tokens"])
+    teacher = s.teacher if s.teacher is not None else scoring_teacher(config)
+    return {
+        "rougeL": rouge_l(answers, refs),
+        "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
+        "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
         "answers": answers[:3],
+    }
+
+
+def curves(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training loss and t per step, and the held-out KL at every evaluation."""
+    return {
         "history": [
             {k: r[k] for k in ("step", "loss", "t") if k in r} for r in history if "loss" in r
         ],
+        "eval_curve": [
+            {
+                "step": r["step"],
+                "kl": r["eval/kl_teacher_student"],
+                **({"t": r["eval/t"]} if "eval/t" in r else {}),
+            }
+            for r in history
+            if "eval/kl_teacher_student" in r
+        ],
     }
-    for name in ("checkpoints",) + (() if keep_final else ("final",)):
-        shutil.rmtree(out / name, ignore_errors=True)  # gigabytes each, not needed
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, summary_path)
-    return summary
 
 
 def teacher_reference(
@@ -217,13 +306,13 @@ def teacher_reference(
     if not held:
         eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
         train, held = D.split_eval(train, config.data.eval_size, eval_seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        teacher = M.freeze(M.load_model(config.teacher))
+    teacher = load_teacher(config)
     gen = plan["generation"]
     prompts, refs = prompts_and_references(held, tokenizer, gen["prompts"])
+    answers, answer_ids = greedy_answers(teacher, tokenizer, prompts, gen["max_new_tokens"])
     ref = {
-        "rougeL": rouge_l(greedy_answers(teacher, tokenizer, prompts, gen["max_new_tokens"]), refs),
+        "rougeL": rouge_l(answers, refs),
+        "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
         "params": sum(p.numel() for p in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
     }
@@ -253,108 +342,183 @@ def loss_overrides(method: list[str]) -> list[str]:
     return ["loss={}", *method]
 
 
-def comparison(plan: dict[str, Any], out: Path, fresh: bool) -> dict[str, list[dict]]:
+@dataclass
+class Selection:
+    """Which runs this invocation may train; the others are only read if their result
+    exists (``report_only``: none is trained)."""
+
+    methods: set[str] | None = None
+    seeds: set[int] | None = None
+    report_only: bool = False
+    fresh: bool = False
+
+    def trains(self, method: str, seed: int) -> bool:
+        return (
+            not self.report_only
+            and (self.methods is None or method in self.methods)
+            and (self.seeds is None or seed in self.seeds)
+        )
+
+
+def seed_of(path: Path) -> int:
+    return int(path.stem.removeprefix("seed"))
+
+
+def comparison(
+    plan: dict[str, Any], out: Path, sel: Selection
+) -> tuple[dict[str, list[dict]], list[str]]:
+    """Every (seed, method) of the plan: run (or read) each; returns the results by method, in
+    seed order, and the runs still missing."""
     cache_dir = out / "teacher-cache"
-    write_teacher_cache(plan, cache_dir, [])
     source = [
         "teacher.source=cache",
         f"teacher.cache_dir={cache_dir}",
         f"cache.mode={plan['cache_mode']}",
     ]
     runs: dict[str, list[dict]] = {m: [] for m in plan["methods"]}
+    missing = []
+    cache_ready = False
     for seed in plan["seeds"]:
         for method, loss in plan["methods"].items():
-            print(f"[compare] {method} seed {seed}", flush=True)
+            path = plan["results"] / "main" / method / f"seed{seed}.json"
+            if not path.is_file() and not sel.trains(method, seed):
+                missing.append(f"{method} seed {seed}")
+                continue
+            if not path.is_file() or sel.fresh:
+                print(f"[compare] {method} seed {seed}", flush=True)
             # The teacher scores student generations online (a cache cannot); the same
             # teacher and data otherwise.
             online = config_for(plan, out / "unused", *loss_overrides(loss))
             teacher = [] if online.student_data.enabled() else source
-            runs[method].append(
-                run_one(
-                    plan,
-                    out / "runs" / method / f"seed{seed}",
-                    [*teacher, f"seed={seed}", *loss_overrides(loss)],
-                    fresh=fresh,
-                )
+            if teacher and not cache_ready and (sel.fresh or not path.is_file()):
+                write_teacher_cache(plan, cache_dir, [])  # a rerun checks and reuses it
+                cache_ready = True
+            summary = run_one(
+                plan,
+                out / "runs" / method / f"seed{seed}",
+                [*teacher, f"seed={seed}", *loss_overrides(loss)],
+                path,
+                fresh=sel.fresh,
             )
-    return runs
+            runs[method].append({**summary, "seed": seed})
+    return runs, missing
 
 
-def capacity(plan: dict[str, Any], out: Path, fresh: bool) -> list[dict[str, Any]]:
-    """One fixed student distilled from teachers of several sizes."""
+def capacity(
+    plan: dict[str, Any], out: Path, sel: Selection
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One fixed student distilled from teachers of several sizes; returns a row per teacher
+    and the runs still missing."""
     cap = plan["capacity"]
     root = out / "capacity"
+    results = plan["results"] / "capacity"
     base_cache = out / "teacher-cache"
     base = config_for(plan, root / "unused")
     cap_plan = {**plan, "overrides": [*plan["overrides"], *cap.get("overrides", [])]}
-
-    # The fixed student: cut from the base teacher once, saved, loaded by every run.
-    student_dir = root / "student"
-    if not (student_dir / "config.json").is_file():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(base.seed)
-            teacher = M.load_model(base.teacher)
-        student = M.student_from_teacher_layers(teacher, cap["student_layers"], "float32")
-        student.save_pretrained(student_dir)
-        M.run_tokenizer(base).save_pretrained(student_dir)
     student = [
         "student.init=pretrained",
-        f"student.name_or_path={student_dir}",
+        f"student.name_or_path={root / 'student'}",
         "student.architecture=null",
         "student.layers=null",
     ]
-
-    rows = []
+    rows, missing = [], []
     for spec in cap["teachers"]:
         name = spec["name"]
-        if "layers" in spec:  # a smaller teacher: cut from the base teacher, distilled from it
-            print(f"[capacity] training teacher {name}", flush=True)
-            run_one(
-                plan,
-                root / "teachers" / name,
+        planned = [
+            (method, seed, results / name / method / f"seed{seed}.json")
+            for method in cap["methods"]
+            for seed in cap["seeds"]
+        ]
+        todo = [
+            (m, seed, p)
+            for m, seed, p in planned
+            if sel.fresh or not p.is_file()
+            if sel.trains(m, seed)
+        ]
+        missing += [
+            f"capacity {name}: {m} seed {seed}"
+            for m, seed, p in planned
+            if not p.is_file() and (m, seed, p) not in todo
+        ]
+        ref_dir = results / "reference" / name
+        teacher, cache_dir = [], base_cache
+        if todo or (not (ref_dir / "teacher.json").is_file() and not sel.report_only):
+            teacher, cache_dir = capacity_teacher(plan, base, root, results, spec, sel)
+        elif not (ref_dir / "teacher.json").is_file():
+            missing.append(f"capacity {name}: the teacher")
+            continue
+        reference = teacher_reference(plan, ref_dir, teacher)
+        row: dict[str, Any] = {"teacher": name, **reference, "students": {}}
+        for method, seed, path in planned:
+            if not path.is_file() and (method, seed, path) not in todo:
+                continue
+            print(f"[capacity] {name}: {method} seed {seed}", flush=True)
+            summary = run_one(
+                cap_plan,
+                root / "runs" / name / method / f"seed{seed}",
                 [
+                    *teacher,
+                    *student,
                     "teacher.source=cache",
-                    f"teacher.cache_dir={base_cache}",
+                    f"teacher.cache_dir={cache_dir}",
                     f"cache.mode={plan['cache_mode']}",
-                    *loss_overrides(["loss.name=fkl"]),
-                    "student.init=teacher_layers",
-                    f"student.layers={spec['layers']}",
-                    f"train.max_steps={spec['steps']}",
+                    f"seed={seed}",
+                    *loss_overrides(plan["methods"][method]),
                 ],
-                keep_final=True,
-                fresh=fresh,
+                path,
+                fresh=sel.fresh,
             )
-            teacher = [
-                f"teacher.name_or_path={root / 'teachers' / name / 'final'}",
-                "teacher.architecture=null",
-            ]
-            cache_dir = root / f"cache-{name}"
-            write_teacher_cache(plan, cache_dir, teacher)
-        else:
-            teacher, cache_dir = [], base_cache
-        ref = teacher_reference(plan, root / "reference" / name, teacher)
-        row = {"teacher": name, **ref, "students": {}}
-        for method in cap["methods"]:
-            for seed in cap["seeds"]:
-                print(f"[capacity] {name}: {method} seed {seed}", flush=True)
-                summary = run_one(
-                    cap_plan,
-                    root / "runs" / name / method / f"seed{seed}",
-                    [
-                        *teacher,
-                        *student,
-                        "teacher.source=cache",
-                        f"teacher.cache_dir={cache_dir}",
-                        f"cache.mode={plan['cache_mode']}",
-                        f"seed={seed}",
-                        *loss_overrides(plan["methods"][method]),
-                    ],
-                    fresh=fresh,
-                )
-                row["students"].setdefault(method, []).append(summary)
-                row["teacher_ppl"] = summary["teacher_ppl"]
+            row["students"].setdefault(method, []).append(summary)
+            row["teacher_ppl"] = summary["teacher_ppl"]
         rows.append(row)
-    return rows
+    return rows, missing
+
+
+def capacity_teacher(
+    plan: dict[str, Any],
+    base: Config,
+    root: Path,
+    results: Path,
+    spec: dict[str, Any],
+    sel: Selection,
+) -> tuple[list[str], Path]:
+    """A capacity teacher ready for its students to train from: the fixed student saved, a
+    smaller teacher cut from the base one and healed by distillation from it (``layers``,
+    ``steps``), and its cache. Returns its overrides and its cache directory."""
+    student_dir = root / "student"
+    if not (student_dir / "config.json").is_file():
+        base_teacher = load_teacher(base)
+        cut = M.student_from_teacher_layers(base_teacher, plan["capacity"]["student_layers"])
+        cut.save_pretrained(student_dir)
+        M.run_tokenizer(base).save_pretrained(student_dir)
+    base_cache = root.parent / "teacher-cache"
+    write_teacher_cache(plan, base_cache, [])
+    name = spec["name"]
+    if "layers" not in spec:  # the base teacher itself
+        return [], base_cache
+    final = root / "teachers" / name / "final"
+    if not (final / "config.json").is_file():
+        print(f"[capacity] training teacher {name}", flush=True)
+        run_one(
+            plan,
+            root / "teachers" / name,
+            [
+                "teacher.source=cache",
+                f"teacher.cache_dir={base_cache}",
+                f"cache.mode={plan['cache_mode']}",
+                *loss_overrides(["loss.name=fkl"]),
+                "student.init=teacher_layers",
+                f"student.layers={spec['layers']}",
+                f"train.max_steps={spec['steps']}",
+            ],
+            results / "teachers" / f"{name}.json",
+            keep_final=True,
+            fresh=True,  # its weights are needed, not only its result
+        )
+    teacher = [f"teacher.name_or_path={final}", "teacher.architecture=null"]
+    cache_dir = root / f"cache-{name}"
+    write_teacher_cache(plan, cache_dir, teacher)
+    return teacher, cache_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,22 +568,36 @@ def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
+    """Student held-out KL and teacher NLL of its answers against the teacher's held-out
+    perplexity, mean and standard deviation over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    methods = list(rows[0]["students"]) if rows else []
-    sizes = [r["params"] / 1e6 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    methods = sorted({m for r in rows for m in r["students"]})
     for method in methods:
-        ppl = [statistics.fmean(s["ppl"] for s in r["students"][method]) for r in rows]
-        rouge = [statistics.fmean(s["rougeL"] for s in r["students"][method]) for r in rows]
-        left.plot(sizes, ppl, marker="o", label=method)
-        right.plot(sizes, rouge, marker="o", label=method)
-    for ax, label in ((left, "student held-out perplexity"), (right, "student ROUGE-L")):
-        ax.set_xlabel("teacher parameters (M)")
+        have = [r for r in rows if r["students"].get(method)]
+        x = [r["teacher_ppl"] for r in have]
+        for ax, key in zip(axes, ("kl", "teacher_nll")):
+            stats = [_stats([s[key] for s in r["students"][method]]) for r in have]
+            ax.errorbar(
+                x,
+                [m for m, _ in stats],
+                yerr=[d for _, d in stats],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+    for ax, label in zip(axes, ("student KL(teacher || student)", "its teacher's NLL of answers")):
+        ax.set_xlabel("teacher held-out perplexity (lower: stronger teacher)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -427,76 +605,215 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> None:
+    """Held-out KL(teacher || student) at every evaluation (mean over seeds, thin lines per
+    seed) for ``methods``, and t of the TAID runs on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    twin = ax.twinx()
+    for k, method in enumerate(m for m in methods if runs.get(m)):
+        color = f"C{k}"
+        seeds = [r["eval_curve"] for r in runs[method] if r.get("eval_curve")]
+        if not seeds:
+            continue
+        steps = [p["step"] for p in seeds[0]]
+        for curve in seeds:
+            ax.plot(
+                [p["step"] for p in curve], [p["kl"] for p in curve], color=color, lw=0.5, alpha=0.4
+            )
+        complete = [c for c in seeds if [p["step"] for p in c] == steps]
+        mean = [statistics.fmean(c[i]["kl"] for c in complete) for i in range(len(steps))]
+        ax.plot(steps, mean, color=color, lw=1.8, label=f"{method} (KL)")
+        if "t" in seeds[0][0]:
+            twin.plot(
+                steps, [p["t"] for p in seeds[0]], color=color, ls="--", lw=1, label=f"{method} (t)"
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out KL(teacher || student)")
+    ax.set_yscale("log")
+    twin.set_ylabel("t (dashed)")
+    twin.set_ylim(0, 1.05)
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+#: Held-out metrics compared per seed: key, label, whether lower is better, digits.
+METRICS = [
+    ("kl", "KL", True, 4),
+    ("ppl", "perplexity", True, 2),
+    ("teacher_nll", "teacher NLL", True, 3),
+    ("rougeL", "ROUGE-L", False, 1),
+]
+
+
+def paired(runs: dict[str, list[dict]], treatment: str, baseline: str) -> dict[str, Any]:
+    """Per metric, the differences ``treatment - baseline`` over the seeds both have: mean,
+    standard deviation, and how many seeds favour each side."""
+    a = {r["seed"]: r for r in runs.get(treatment, [])}
+    b = {r["seed"]: r for r in runs.get(baseline, [])}
+    seeds = sorted(set(a) & set(b))
+    out: dict[str, Any] = {"seeds": len(seeds)}
+    for key, _, lower, _ in METRICS:
+        diffs = [
+            a[k][key] - b[k][key]
+            for k in seeds
+            if a[k].get(key) is not None and b[k].get(key) is not None
+        ]
+        diffs = [d for d in diffs if math.isfinite(d)]
+        if not diffs:
+            continue
+        mean, sd = _stats(diffs)
+        better = sum(1 for d in diffs if (d < 0) == lower and d != 0)
+        worse = sum(1 for d in diffs if (d > 0) == lower and d != 0)
+        out[key] = {"mean": mean, "sd": sd, "treatment": better, "baseline": worse, "n": len(diffs)}
+    return out
+
+
+def verdict(cell: dict[str, Any], lower: bool) -> str:
+    """``no difference`` when the mean difference is not larger than its spread (or one seed
+    only); else which side the seeds favour."""
+    if cell["n"] < 2:
+        return "one seed"
+    if abs(cell["mean"]) <= cell["sd"]:
+        return "no difference"
+    return "TAID better" if (cell["mean"] < 0) == lower else "TAID worse"
+
+
 def report(
     plan: dict[str, Any],
     runs: dict[str, list[dict]],
-    teacher: dict[str, Any],
+    teacher: dict[str, Any] | None,
     cap: list[dict[str, Any]],
-    wall: float,
+    missing: list[str],
     command: str,
-    figures: Path,
     relative: str,
 ) -> str:
-    first = next(iter(runs.values()))[0]
-    teacher_ppl = next(
-        s["teacher_ppl"]
-        for summaries in runs.values()
-        for s in summaries
-        if s["teacher_ppl"] is not None
-    )
+    results = [r for summaries in runs.values() for r in summaries]
+    results += [s for row in cap for runs_ in row["students"].values() for s in runs_]
+    planned = len(plan["seeds"]) * len(plan["methods"])
+    done = sum(len(v) for v in runs.values())
+    machines = sorted({r.get("machine", "not recorded") for r in results})
+    hours = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in results) / 3600
+    steps = sorted({r["steps"] for summaries in runs.values() for r in summaries})
     lines = [
-        f"Command: `{command}` ({len(plan['seeds'])} seeds x {len(runs)} methods, "
-        f"{first['steps']} steps each; total wall time {wall / 60:.0f} min on "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}).",
+        f"Command: `{command}`. Runs complete: {done} of {planned} in the main comparison"
+        + (f"; still to run: {', '.join(missing)}" if missing else "")
+        + f". Steps per run: {', '.join(map(str, steps)) or 'n/a'}. Wall time of the finished "
+        f"runs (training and measurement): {hours:.1f} h. Machine(s): {'; '.join(machines)}.",
         "",
-        "Held-out metrics after training, mean ± standard deviation over seeds. KL is "
-        "KL(teacher || student) per target token; perplexity is the student's on the held-out "
-        "responses; head / tail are the student's mass on its top-10 tokens / on its least "
-        "likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3; ROUGE-L (x 100) "
-        "compares greedy answers with the references.",
+        "Held-out metrics after training, mean ± standard deviation over seeds (n: seeds). KL "
+        "is KL(teacher || student) per target token; perplexity is the student's on the "
+        "held-out responses; teacher NLL is the teacher's mean negative log-likelihood per "
+        "token of the student's greedy answers to the held-out prompts (lower: the teacher "
+        "finds the answers likely; no reference answer involved); ROUGE-L (x 100) compares "
+        "those answers with the references; head / tail are the student's mass on its top-10 "
+        "tokens / on its least likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3.",
         "",
-        "| method | KL | perplexity | ROUGE-L | head mass | tail mass (1e-7) | min per run |",
-        "|---|---|---|---|---|---|---|",
+        "| method | n | KL | perplexity | teacher NLL | ROUGE-L | head mass | tail mass (1e-7) "
+        "| min per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, summaries in runs.items():
+        if not summaries:
+            lines.append(f"| {method} | 0 | not run yet | | | | | | |")
+            continue
         lines.append(
-            f"| {method} | {_ms([s['kl'] for s in summaries], 4)} | "
+            f"| {method} | {len(summaries)} | {_ms([s['kl'] for s in summaries], 4)} | "
             f"{_ms([s['ppl'] for s in summaries], 2)} | "
+            f"{_ms([s.get('teacher_nll') for s in summaries], 3)} | "
             f"{_ms([s['rougeL'] for s in summaries], 1)} | "
             f"{_ms([s['head_mass'] for s in summaries], 3)} | "
             f"{_ms([s['tail_mass'] for s in summaries], 2, 1e7)} | "
             f"{_ms([s['wall_s'] for s in summaries], 1, 1 / 60)} |"
         )
+    teacher_ppl = next((r["teacher_ppl"] for r in results if r.get("teacher_ppl")), None)
+    if teacher is not None and teacher_ppl is not None:
+        lines.append(
+            f"| teacher | | 0 | {teacher_ppl:.2f} | {teacher.get('teacher_nll', float('nan')):.3f}"
+            f" | {teacher['rougeL']:.1f} | | | |"
+        )
+    lines += ["", *paired_section(plan, runs), ""]
     lines += [
-        f"| teacher | 0 | {teacher_ppl:.2f} | {teacher['rougeL']:.1f} | | | |",
+        f"![held-out KL during training]({relative}/curves.png)",
         "",
         f"![loss and t per method]({relative}/loss_and_t.png)",
         "",
     ]
     if cap:
-        methods = list(cap[0]["students"])
-        lines += [
-            "Capacity gap: one fixed student, teachers of several sizes; student "
-            "held-out perplexity / ROUGE-L.",
-            "",
-            "| teacher | parameters | layers | teacher ppl | teacher ROUGE-L | "
-            + " | ".join(methods)
-            + " |",
-            "|---|---|---|---|---|" + "---|" * len(methods),
-        ]
-        for row in cap:
-            cells = [
-                f"{_ms([s['ppl'] for s in row['students'][m]], 2)} / "
-                f"{_ms([s['rougeL'] for s in row['students'][m]], 1)}"
-                for m in methods
-            ]
-            lines.append(
-                f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
-                f"{row['teacher_ppl']:.2f} | {row['rougeL']:.1f} | " + " | ".join(cells) + " |"
-            )
-        lines += ["", f"![capacity gap]({relative}/capacity.png)", ""]
+        lines += capacity_section(cap, relative)
     return "\n".join(lines)
+
+
+def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[str]:
+    """Per TAID row and baseline: the paired differences over seeds on every metric."""
+    lines = [
+        "Paired differences, TAID row minus baseline, over the seeds both have: mean ± standard "
+        "deviation, then seeds favouring TAID : seeds favouring the baseline, then the reading "
+        "(a difference not larger than its spread is called no difference).",
+        "",
+    ]
+    header = " | ".join(label for _, label, _, _ in METRICS)
+    for treatment in plan.get("paired", []):
+        if not runs.get(treatment):
+            continue
+        lines += [
+            f"**{treatment}** minus each baseline:",
+            "",
+            f"| baseline | seeds | {header} |",
+            "|---|---|" + "---|" * len(METRICS),
+        ]
+        for baseline in runs:
+            if baseline == treatment or not runs[baseline]:
+                continue
+            p = paired(runs, treatment, baseline)
+            cells = []
+            for key, _, lower, digits in METRICS:
+                c = p.get(key)
+                cells.append(
+                    "n/a"
+                    if c is None
+                    else f"{c['mean']:+.{digits}f} ± {c['sd']:.{digits}f}, "
+                    f"{c['treatment']}:{c['baseline']}, {verdict(c, lower)}"
+                )
+            lines.append(f"| {baseline} | {p['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
+    methods = sorted({m for row in cap for m in row["students"]})
+    lines = [
+        "Capacity gap: one fixed student, teachers of different quality; the student's "
+        "held-out KL to its own teacher / that teacher's NLL of the student's answers, "
+        "mean ± standard deviation over seeds.",
+        "",
+        "| teacher | parameters | layers | teacher ppl | teacher ROUGE-L | "
+        + " | ".join(methods)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(methods),
+    ]
+    for row in cap:
+        cells = [
+            f"{_ms([s['kl'] for s in row['students'].get(m, [])], 3)} / "
+            f"{_ms([s.get('teacher_nll') for s in row['students'].get(m, [])], 3)}"
+            for m in methods
+        ]
+        ppl = row.get("teacher_ppl")
+        lines.append(
+            f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
+            f"{'n/a' if ppl is None else f'{ppl:.2f}'} | {row['rougeL']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines + ["", f"![capacity gap]({relative}/capacity.png)", ""]
 
 
 def write_report(path: Path, body: str) -> None:
@@ -521,38 +838,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="markdown file for the tables (default docs/results.md; with --quick, OUT/results.md)",
     )
-    parser.add_argument("--no-capacity", action="store_true", help="skip the sweep")
+    parser.add_argument("--no-capacity", action="store_true", help="skip the capacity ladder")
     parser.add_argument("--fresh", action="store_true", help="redo finished runs")
+    parser.add_argument("--methods", default=None, help="train only these (comma-separated)")
+    parser.add_argument("--seeds", default=None, help="train only these seeds (comma-separated)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing; report the finished runs"
+    )
     args = parser.parse_args(argv)
     plan = load_plan(Path(args.config), args.quick)
     out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
+    if args.quick or not plan.get("results"):
+        plan["results"] = out / "results"
     report_path = Path(args.report or (out / "results.md" if args.quick else "docs/results.md"))
     figures = report_path.parent / ("results" if not args.quick else "figures")
     figures.mkdir(parents=True, exist_ok=True)
+    sel = Selection(
+        methods=None if args.methods is None else set(args.methods.split(",")),
+        seeds=None if args.seeds is None else {int(x) for x in args.seeds.split(",")},
+        report_only=args.report_only,
+        fresh=args.fresh,
+    )
+    unknown = (sel.methods or set()) - set(plan["methods"])
+    if unknown:
+        raise SystemExit(
+            f"--methods: unknown {sorted(unknown)}; the plan has {list(plan['methods'])}"
+        )
 
-    start = time.perf_counter()
-    runs = comparison(plan, out, args.fresh)
-    teacher = teacher_reference(plan, out / "reference", [])
-    cap = [] if args.no_capacity or not plan.get("capacity") else capacity(plan, out, args.fresh)
-    wall = time.perf_counter() - start
+    runs, missing = comparison(plan, out, sel)
+    reference = plan["results"] / "reference" / "teacher.json"
+    teacher = (
+        teacher_reference(plan, reference.parent, [])
+        if reference.is_file() or not sel.report_only
+        else None
+    )
+    cap: list[dict[str, Any]] = []
+    if not args.no_capacity and plan.get("capacity"):
+        cap, more = capacity(plan, out, sel)
+        missing += more
 
-    plot_training(runs, figures / "loss_and_t.png")
-    if cap:
+    if any(runs.values()):
+        plot_training({m: r for m, r in runs.items() if r}, figures / "loss_and_t.png")
+        plot_curves(runs, plan.get("curves", []), figures / "curves.png")
+    if any(row["students"] for row in cap):
         plot_capacity(cap, figures / "capacity.png")
     command = "python experiments/compare.py" + (" --quick" if args.quick else "")
     body = report(
-        plan,
-        runs,
-        teacher,
-        cap,
-        wall,
-        command,
-        figures,
-        os.path.relpath(figures, report_path.parent),
+        plan, runs, teacher, cap, missing, command, os.path.relpath(figures, report_path.parent)
     )
     write_report(report_path, body)
     print(body)
-    return {"runs": runs, "capacity": cap, "report": report_path, "figures": figures}
+    return {
+        "runs": runs,
+        "capacity": cap,
+        "missing": missing,
+        "report": report_path,
+        "figures": figures,
+    }
 
 
 if __name__ == "__main__":

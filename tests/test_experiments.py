@@ -1,8 +1,10 @@
 """experiments/compare.py end to end on tiny random models (--quick): the table and the figures
-are produced for every method and the capacity sweep; the numbers are not checked here."""
+are produced for every method and the capacity ladder; the numbers are not checked here. The
+paired statistics are checked on made-up results."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -11,28 +13,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def compare():
+    return runpy.run_path(str(ROOT / "experiments" / "compare.py"))
+
+
 @pytest.mark.slow
-def test_quick_comparison_produces_the_report(tmp_path):
-    compare = runpy.run_path(str(ROOT / "experiments" / "compare.py"))
+def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
     plan = compare["load_plan"](ROOT / "experiments" / "compare.yaml", False)
     out = compare["main"](["--quick", "--out", str(tmp_path / "runs")])
     report = out["report"].read_text()
+    assert out["missing"] == []
     for method in plan["methods"]:  # every method of the full plan ran in the quick one
-        assert f"| {method} |" in report
+        assert f"| {method} | 1 |" in report
         summary = out["runs"][method][0]
         assert summary["steps"] == 3 and 0 < summary["head_mass"] <= 1
         assert 0 <= summary["tail_mass"] and summary["head_mass"] + summary["tail_mass"] <= 1
         assert 0 <= summary["rougeL"] <= 100
-    assert "| taid |" in report and "Capacity gap" in report
+        assert summary["teacher_nll"] > 0 and summary["answer_tokens"] > 0
+        assert [p["step"] for p in summary["eval_curve"]] == [0, 2, 3]
+        # the result file, kept apart from the (ignored) run folder
+        saved = tmp_path / "runs" / "results" / "main" / method / "seed0.json"
+        assert json.loads(saved.read_text())["kl"] == summary["kl"]
+    assert "| taid |" in report and "Capacity gap" in report and "Paired differences" in report
     assert [row["teacher"] for row in out["capacity"]] == ["tiny-1l", "tiny-2l"]
     assert out["capacity"][0]["layers"] == 1 and out["capacity"][1]["layers"] == 2
-    for name in ("loss_and_t.png", "capacity.png"):
+    for name in ("loss_and_t.png", "capacity.png", "curves.png"):
         assert (out["figures"] / name).stat().st_size > 1000
-    # t rises on the TAID runs only, by the linear floor at least
+    # t rises on the TAID runs only, and is logged with every evaluation
     assert all("t" in h for h in out["runs"]["taid"][0]["history"])
+    assert all("t" in p for p in out["runs"]["taid"][0]["eval_curve"])
     assert not any("t" in h for h in out["runs"]["fkl"][0]["history"])
 
-    # a second call reuses the finished runs and rewrites only the report's block
+    # a second call trains nothing: every run's result file exists; only the report's block
+    # is rewritten
+    from taid import trainer as TR
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(TR, "train", no_training)
     report_path = out["report"]
     report_path.write_text(
         "Intro kept.\n\n" + report_path.read_text().split("\n", 2)[2] + "\nOutro kept.\n"
@@ -40,3 +60,44 @@ def test_quick_comparison_produces_the_report(tmp_path):
     compare["main"](["--quick", "--out", str(tmp_path / "runs")])
     text = report_path.read_text()
     assert text.startswith("Intro kept.") and text.rstrip().endswith("Outro kept.")
+
+    # --report-only with a result removed: the run is reported missing, nothing is trained
+    (tmp_path / "runs" / "results" / "main" / "akl" / "seed0.json").unlink()
+    again = compare["main"](["--quick", "--out", str(tmp_path / "runs"), "--report-only"])
+    assert again["missing"] == ["akl seed 0"]
+    assert "| akl | 0 | not run yet |" in again["report"].read_text()
+
+
+def _runs(values: dict[str, list[float]]) -> dict[str, list[dict]]:
+    return {
+        method: [
+            {"seed": k, "kl": v, "ppl": 10 + v, "teacher_nll": v, "rougeL": 20 - v}
+            for k, v in enumerate(seq)
+        ]
+        for method, seq in values.items()
+    }
+
+
+def test_paired_differences_and_their_reading(compare):
+    paired, verdict = compare["paired"], compare["verdict"]
+    runs = _runs({"taid": [1.0, 1.1, 0.9], "fkl": [1.5, 1.6, 1.3], "skl": [1.2, 0.9, 1.0]})
+    lower_kl = paired(runs, "taid", "fkl")
+    assert lower_kl["seeds"] == 3
+    kl = lower_kl["kl"]
+    assert kl["mean"] == pytest.approx(-(0.5 + 0.5 + 0.4) / 3)
+    assert (kl["treatment"], kl["baseline"]) == (3, 0)
+    assert verdict(kl, lower=True) == "TAID better"
+    # ROUGE-L: higher is better, so the same seeds favour TAID there too
+    rouge = lower_kl["rougeL"]
+    assert rouge["mean"] > 0 and rouge["treatment"] == 3
+    assert verdict(rouge, lower=False) == "TAID better"
+    # differences of both signs, smaller than their spread: no difference
+    mixed = paired(runs, "taid", "skl")["kl"]
+    assert (mixed["treatment"], mixed["baseline"]) == (2, 1)
+    assert verdict(mixed, lower=True) == "no difference"
+    # worse on every seed
+    worse = paired(_runs({"taid": [2.0, 2.1], "fkl": [1.0, 1.0]}), "taid", "fkl")["kl"]
+    assert verdict(worse, lower=True) == "TAID worse"
+    # only the seeds both have are paired; one seed gives no reading
+    one = paired(_runs({"taid": [1.0], "fkl": [1.5, 1.6]}), "taid", "fkl")
+    assert one["seeds"] == 1 and verdict(one["kl"], lower=True) == "one seed"

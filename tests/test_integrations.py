@@ -114,6 +114,36 @@ def test_compute_loss_divides_by_num_items_in_batch(example, tmp_path):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["taid", "jsd", "sft"])
+def test_fused_path_equals_the_logits_path(example, tmp_path, monkeypatch, loss):
+    """In training TAIDTrainer computes the loss from the hidden states and output layer (the
+    logits are never formed); it equals the logits path in value and gradients, and
+    ``fused=False`` or a call that wants the outputs takes the logits path."""
+    from taid import models as M
+
+    calls = []
+    final_hidden = M.final_hidden
+    monkeypatch.setattr(M, "final_hidden", lambda *a, **k: calls.append(1) or final_hidden(*a, **k))
+    results = {}
+    for fused in (None, False):
+        trainer = make_trainer(example, tmp_path / str(fused), steps=1, loss=loss, fused=fused)
+        trainer._start_training()
+        batch = torch.utils.data.default_collate([trainer.train_dataset[i] for i in range(4)])
+        calls.clear()
+        value = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(50))
+        value.backward()
+        # the student's hidden states, and the teacher's (its head is plain too)
+        assert len(calls) == (0 if fused is False else 1 if loss == "sft" else 2)
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        results[fused] = (value.detach(), grads)
+        _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        assert outputs.logits.shape[:2] == batch["input_ids"].shape  # the logits path
+    (a, grads_a), (b, grads_b) = results[None], results[False]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
 def test_baselines_can_replace_taid(example, tmp_path):
     trainer = make_trainer(example, tmp_path, steps=2, loss="skl", loss_kwargs={"alpha": 0.2})
     trainer.train()

@@ -70,6 +70,15 @@ def plain_linear_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return head.weight, head.bias
 
 
+def has_plain_linear_head(model: nn.Module) -> bool:
+    """Whether :func:`plain_linear_head` accepts ``model`` (the fused loss path applies)."""
+    try:
+        plain_linear_head(model)
+    except ValueError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

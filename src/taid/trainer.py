@@ -560,26 +560,21 @@ def _loss_path(config: Config, accelerator: Any, teacher: Any, student: Any) -> 
     logits are rebuilt from its hidden states (both need a plain, unsharded linear head)."""
     impl = config.loss.implementation
     fused_ok = not _sharded(accelerator)
-    if fused_ok:
-        try:
-            M.plain_linear_head(student)
-        except ValueError as e:
-            if impl == "fused":
+    if fused_ok and not M.has_plain_linear_head(student):
+        if impl == "fused":
+            try:
+                M.plain_linear_head(student)
+            except ValueError as e:  # the reason, in the config's terms
                 raise ConfigError(f"loss.implementation=fused: {e}") from None
-            fused_ok = False
-    elif impl == "fused":
+        fused_ok = False
+    elif not fused_ok and impl == "fused":
         raise ConfigError(
             "loss.implementation=fused needs an unsharded output layer; under "
             "FSDP or DeepSpeed use chunked"
         )
     fused = impl == "fused" or (impl == "auto" and fused_ok)
-    teacher_fused = False
-    if teacher is not None and fused:  # (fused implies unsharded)
-        try:
-            M.plain_linear_head(teacher)
-            teacher_fused = True
-        except ValueError:
-            teacher_fused = False
+    # (fused implies unsharded)
+    teacher_fused = teacher is not None and fused and M.has_plain_linear_head(teacher)
     return fused, teacher_fused
 
 

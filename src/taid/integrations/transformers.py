@@ -11,6 +11,9 @@ What it guarantees:
 
 - The teacher runs in eval mode without gradient, on the student's device, under the same
   autocast as the student.
+- In training the loss is computed from the student's last hidden states and output layer
+  (the full logits are never formed) when the output layer is a plain linear map; evaluation
+  and ``fused=False`` use the logits.
 - Labels follow the transformers convention (unshifted, ``-100`` ignored); they are shifted here.
 - The loss is summed over tokens and divided by the Trainer's ``num_items_in_batch`` (the valid
   tokens of the whole accumulation window, across devices), so gradient accumulation and data
@@ -32,6 +35,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from taid import models as M
+from taid import sources as S
 from taid.losses import DistillationLoss, TAIDLoss, build_loss, loss_parameters
 
 if TYPE_CHECKING:  # the mixin is always combined with a Trainer; let the type checker know
@@ -71,9 +76,11 @@ class TAIDTrainerMixin(_TrainerBase):
         teacher_model: nn.Module | None = None,
         loss: str | DistillationLoss = "taid",
         loss_kwargs: dict[str, Any] | None = None,
+        fused: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._fused = fused
         self._loss_spec = loss
         self._loss_kwargs = dict(loss_kwargs or {})
         self.loss_fn: DistillationLoss | None = loss if isinstance(loss, DistillationLoss) else None
@@ -161,21 +168,20 @@ class TAIDTrainerMixin(_TrainerBase):
         labels = inputs["labels"]
         # only the model's inputs: collators (TRL's) may add masks the forward does not take
         inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
-        outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits
         # transformers labels are unshifted; ours are aligned with the logits (position i
         # predicts targets[i]). Shifting the labels, not the logits, copies no N x V tensor.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
-        teacher_logits = None
-        if loss_fn.divergence is not None:
-            if self.teacher is None:
-                raise ValueError("this loss needs teacher_model")
-            device = logits.device
-            if next(self.teacher.parameters()).device != device:
-                self.teacher.to(device)
-            with torch.no_grad():
-                teacher_logits = self.teacher(**inputs, use_cache=False).logits
-        out = loss_fn.compute(logits, teacher_logits, targets)
+        outputs = None
+        if self._use_fused(model, loss_fn, return_outputs):
+            unwrapped = self.accelerator.unwrap_model(model)
+            hidden = M.final_hidden(model, unwrapped, **inputs)
+            weight, bias = M.plain_linear_head(unwrapped)
+            teacher = self._teacher_rows(loss_fn, inputs, hidden.device, fused=True)
+            out = loss_fn.compute_fused(hidden, weight, teacher, targets, student_bias=bias)
+        else:
+            outputs = model(**inputs, use_cache=False)
+            teacher = self._teacher_rows(loss_fn, inputs, outputs.logits.device, fused=False)
+            out = loss_fn.compute(outputs.logits, teacher, targets)
         denominator: torch.Tensor | int
         if num_items_in_batch is None:
             denominator = out.num_tokens.clamp_min(1)
@@ -192,6 +198,42 @@ class TAIDTrainerMixin(_TrainerBase):
                 [float(out.distill), float(out.num_tokens)], dtype=torch.float64
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _use_fused(self, model: nn.Module, loss_fn: DistillationLoss, return_outputs: bool) -> bool:
+        """The fused path (loss from the last hidden states and the output layer; the full
+        logits are never formed) when training a plain transformers model whose output layer is
+        a plain linear map, unsharded; ``fused=False`` turns it off, and evaluation that wants
+        the outputs (logits) takes the logits path."""
+        from transformers import PreTrainedModel
+
+        if self._fused is False or return_outputs or loss_fn.implementation == "eager":
+            return False
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        unwrapped = self.accelerator.unwrap_model(model)
+        # a PEFT wrapper's base_model is not the backbone the hidden-state hook expects
+        return isinstance(unwrapped, PreTrainedModel) and M.has_plain_linear_head(unwrapped)
+
+    def _teacher_rows(
+        self,
+        loss_fn: DistillationLoss,
+        inputs: dict[str, Any],
+        device: torch.device,
+        *,
+        fused: bool,
+    ) -> S.TeacherSource | None:
+        """The teacher's rows for this batch (its hidden states and output layer on the fused
+        path when its head is a plain linear map, else its logits); None for a loss without
+        a teacher."""
+        if loss_fn.divergence is None:
+            return None
+        if self.teacher is None:
+            raise ValueError("this loss needs teacher_model")
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        fused = fused and M.has_plain_linear_head(self.teacher)
+        with torch.no_grad():
+            return S.from_model(self.teacher, inputs, fused=fused)
 
     # -- schedule ----------------------------------------------------------------------------
     def _end_optimizer_step(self) -> None:
@@ -244,5 +286,10 @@ class TAIDTrainer(TAIDTrainerMixin, Trainer):
         loss_kwargs: keyword arguments of the loss (``t_start``, ``alpha``, ``distill_weight``,
             ...). For ``taid``, ``total_steps`` defaults to the Trainer's number of optimizer
             steps.
+        fused: in training, compute the loss from the student's last hidden states and output
+            layer, a chunk of target tokens at a time, so that the ``[B, T, V]`` logits are
+            never formed (faster and leaner; the same loss within float32 rounding). None
+            (default): whenever the model is a transformers model with a plain linear output
+            layer and is not sharded (FSDP, DeepSpeed); False: always from the logits.
         *args, **kwargs: passed to ``transformers.Trainer``.
     """
