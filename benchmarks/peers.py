@@ -5,10 +5,10 @@ throughput, peak memory and the held-out result, side by side.
 
 The job (every row): the built-in teacher SmolLM2-135M-Instruct, the quickstart's 6-layer
 student cut from it, the quickstart data (``data/quickstart.jsonl``, responses only, at most 192
-tokens), 8 sequences per step, AdamW (torch's, lr 5e-4, no weight decay, clipping at 1.0),
-cosine schedule with 2 warm-up steps, float32, ``--steps`` optimizer steps. Every row sees the
-same batches in the same order: the order taid's own loop draws with seed 0 (the Trainer rows
-read them with a sequential sampler), and the same held-out examples.
+tokens), 8 sequences per step, AdamW (torch's fused kernel, lr 5e-4, no weight decay,
+clipping at 1.0), cosine schedule with 2 warm-up steps, float32, ``--steps`` optimizer steps.
+Every row sees the same batches in the same order: the order taid's own loop draws with seed 0
+(the Trainer rows read them with a sequential sampler), and the same held-out examples.
 
 Objectives: ``fkl`` (forward KL, KL(teacher || student); generalized JSD with beta 0 in TRL)
 and ``jsd`` (generalized JSD with beta 0.5: beta KL(p || m) + (1 - beta) KL(q || m)).
@@ -250,7 +250,7 @@ def _hf_args(cls: Any, out: Path, steps: int, **extra: Any) -> Any:
         warmup_steps=WARMUP_LR_STEPS,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",  # torch.optim.AdamW, as taid uses
+        optim="adamw_torch_fused",  # torch.optim.AdamW(fused=True), as taid uses
         seed=SEED,
         train_sampling_strategy="sequential",
         dataloader_drop_last=True,
