@@ -53,6 +53,7 @@ PLAN_KEYS = {
     "results",
     "curves",
     "paired",
+    "single_seed",
     "quick",
 }
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
@@ -360,8 +361,10 @@ class Selection:
         )
 
 
-def seed_of(path: Path) -> int:
-    return int(path.stem.removeprefix("seed"))
+def seeds_of(plan: dict[str, Any], method: str) -> list[int]:
+    """The seeds a method runs with: all of the plan's, or the first only for the methods in
+    ``single_seed`` (the budget's choice, said in the report)."""
+    return plan["seeds"][:1] if method in plan.get("single_seed", []) else plan["seeds"]
 
 
 def comparison(
@@ -380,6 +383,8 @@ def comparison(
     cache_ready = False
     for seed in plan["seeds"]:
         for method, loss in plan["methods"].items():
+            if seed not in seeds_of(plan, method):
+                continue
             path = plan["results"] / "main" / method / f"seed{seed}.json"
             if not path.is_file() and not sel.trains(method, seed):
                 missing.append(f"{method} seed {seed}")
@@ -698,7 +703,7 @@ def report(
 ) -> str:
     results = [r for summaries in runs.values() for r in summaries]
     results += [s for row in cap for runs_ in row["students"].values() for s in runs_]
-    planned = len(plan["seeds"]) * len(plan["methods"])
+    planned = sum(len(seeds_of(plan, m)) for m in plan["methods"])
     done = sum(len(v) for v in runs.values())
     machines = sorted({r.get("machine", "not recorded") for r in results})
     hours = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in results) / 3600
@@ -707,7 +712,12 @@ def report(
         f"Command: `{command}`. Runs complete: {done} of {planned} in the main comparison"
         + (f"; still to run: {', '.join(missing)}" if missing else "")
         + f". Steps per run: {', '.join(map(str, steps)) or 'n/a'}. Wall time of the finished "
-        f"runs (training and measurement): {hours:.1f} h. Machine(s): {'; '.join(machines)}.",
+        f"runs (training and measurement): {hours:.1f} h. Machine(s): {'; '.join(machines)}."
+        + (
+            f" One seed only, for the budget: {', '.join(plan['single_seed'])}."
+            if plan.get("single_seed")
+            else ""
+        ),
         "",
         "Held-out metrics after training, mean ± standard deviation over seeds (n: seeds). KL "
         "is KL(teacher || student) per target token; perplexity is the student's on the "
