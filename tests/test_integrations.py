@@ -144,6 +144,18 @@ def test_fused_path_equals_the_logits_path(example, tmp_path, monkeypatch, loss)
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_true_says_why_it_cannot_apply(example, tmp_path):
+    trainer = make_trainer(
+        example, tmp_path, steps=1, loss="fkl", loss_kwargs={"implementation": "eager"}, fused=True
+    )
+    trainer._start_training()
+    batch = torch.utils.data.default_collate([trainer.train_dataset[i] for i in range(4)])
+    with pytest.raises(
+        ValueError, match=r"fused=True\): the loss runs with implementation='eager'"
+    ):
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(50))
+
+
 def test_baselines_can_replace_taid(example, tmp_path):
     trainer = make_trainer(example, tmp_path, steps=2, loss="skl", loss_kwargs={"alpha": 0.2})
     trainer.train()

@@ -206,13 +206,24 @@ class TAIDTrainerMixin(_TrainerBase):
         the outputs (logits) takes the logits path."""
         from transformers import PreTrainedModel
 
-        if self._fused is False or return_outputs or loss_fn.implementation == "eager":
-            return False
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self._fused is False or return_outputs:
             return False
         unwrapped = self.accelerator.unwrap_model(model)
-        # a PEFT wrapper's base_model is not the backbone the hidden-state hook expects
-        return isinstance(unwrapped, PreTrainedModel) and M.has_plain_linear_head(unwrapped)
+        why = (
+            "the loss runs with implementation='eager'"
+            if loss_fn.implementation == "eager"
+            else "the model is sharded (FSDP or DeepSpeed)"
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled
+            # a PEFT wrapper's base_model is not the backbone the hidden-state hook expects
+            else f"{type(unwrapped).__name__} is not a transformers PreTrainedModel"
+            if not isinstance(unwrapped, PreTrainedModel)
+            else "its output layer is not a plain linear map"
+            if not M.has_plain_linear_head(unwrapped)
+            else None
+        )
+        if why is not None and self._fused:
+            raise ValueError(f"TAIDTrainer(fused=True): {why}; pass fused=None or False")
+        return why is None
 
     def _teacher_rows(
         self,
@@ -290,6 +301,7 @@ class TAIDTrainer(TAIDTrainerMixin, Trainer):
             layer, a chunk of target tokens at a time, so that the ``[B, T, V]`` logits are
             never formed (faster and leaner; the same loss within float32 rounding). None
             (default): whenever the model is a transformers model with a plain linear output
-            layer and is not sharded (FSDP, DeepSpeed); False: always from the logits.
+            layer and is not sharded (FSDP, DeepSpeed); True: the same, and an error saying
+            why when it cannot; False: always from the logits.
         *args, **kwargs: passed to ``transformers.Trainer``.
     """
