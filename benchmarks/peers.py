@@ -105,10 +105,7 @@ def job_data(config: Any, tokenizer: Any, steps: int) -> tuple[list[Any], list[A
     the held-out examples."""
     from taid import data as D
 
-    train, held = D.load_examples(config.data, tokenizer)
-    if not held:
-        seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
-        train, held = D.split_eval(train, config.data.eval_size, seed)
+    train, held = D.held_out(*D.load_examples(config.data, tokenizer), config.data, config.seed)
     by_number = {ex.ids[0]: ex for ex in train}
     stream = D.BatchStream(train, BATCH, seed=config.seed, pad_id=0, packed=False)
     ordered = [

@@ -303,10 +303,7 @@ def teacher_reference(
         return json.loads(path.read_text())
     config = config_for(plan, out / "unused", *teacher_overrides)
     tokenizer = M.run_tokenizer(config)
-    train, held = D.load_examples(config.data, tokenizer)
-    if not held:
-        eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
-        train, held = D.split_eval(train, config.data.eval_size, eval_seed)
+    _, held = D.held_out(*D.load_examples(config.data, tokenizer), config.data, config.seed)
     teacher = load_teacher(config)
     gen = plan["generation"]
     prompts, refs = prompts_and_references(held, tokenizer, gen["prompts"])

@@ -574,6 +574,18 @@ def eval_batches(
         yield collate(chosen, pad_id, packed)
 
 
+def held_out(
+    train: list[Example], held: list[Example], cfg: DataConfig, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """The run's training and held-out examples: ``held`` when ``data.eval_split`` gave some,
+    else ``data.eval_size`` examples of ``train`` chosen with ``data.eval_seed`` (or the run's
+    ``seed`` when it is unset)."""
+    if held:
+        return train, held
+    eval_seed = seed if cfg.eval_seed is None else cfg.eval_seed
+    return split_eval(train, cfg.eval_size, eval_seed)
+
+
 def split_eval(
     examples: list[Example], size: int, seed: int
 ) -> tuple[list[Example], list[Example]]:

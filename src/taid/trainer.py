@@ -469,11 +469,9 @@ def _setup_data(
     first: their errors (missing file, empty, too long) cost no model loading."""
     train_examples, eval_examples = D.load_examples(config.data, tokenizer)
     all_examples = train_examples + eval_examples
-    if not eval_examples:
-        eval_seed = config.seed if config.data.eval_seed is None else config.data.eval_seed
-        train_examples, eval_examples = D.split_eval(
-            train_examples, config.data.eval_size, eval_seed
-        )
+    train_examples, eval_examples = D.held_out(
+        train_examples, eval_examples, config.data, config.seed
+    )
     return train_examples, eval_examples, all_examples
 
 
