@@ -288,6 +288,27 @@ def test_training_from_each_mode_runs_and_evaluates(tmp_path, mode):
     assert all(0 <= r["data_s"] < r["step_s"] for r in steps)
 
 
+def test_a_run_in_the_process_that_wrote_the_cache_chooses_its_own_precision(tmp_path):
+    """Writing a cache then training from it in one process (a notebook, the comparison
+    script): the writer must not fix accelerate's process-wide mixed precision."""
+    store = tmp_path / "cache"
+    T.write_cache(config(tmp_path / "w", "cache.mode=hidden", f"teacher.cache_dir={store}"))
+    result = TR.train(
+        config(
+            tmp_path / "run",
+            "cache.mode=hidden",
+            f"teacher.cache_dir={store}",
+            "teacher.source=cache",
+            "train.mixed_precision=bf16",
+            "train.max_steps=2",
+            "train.save_every=0",
+            "train.eval_every=0",
+        )
+    )
+    assert result["setup"].accelerator.mixed_precision == "bf16"
+    assert math.isfinite(result["after"]["eval/kl_teacher_student"])
+
+
 # --------------------------------------------------------------------------------------------
 # Writing: resume, several processes
 # --------------------------------------------------------------------------------------------

@@ -475,7 +475,7 @@ def _start_writer(config: Config) -> _Writer:
         raise ConfigError(
             "teacher.name_or_path (or teacher.architecture) is required to write a teacher cache"
         )
-    acc = M.make_accelerator(config.train.collective_timeout_s)
+    acc = M.process_state(config.train.collective_timeout_s)
     set_seed(config.seed)  # a teacher built from an architecture gets the trainer's weights
     tokenizer = M.run_tokenizer(config)
     train, held = D.load_examples(config.data, tokenizer)
