@@ -241,6 +241,7 @@ def run_one(
     summary = {
         "overrides": overrides,
         "machine": describe_device(),
+        "precision": s.accelerator.mixed_precision,  # what train.mixed_precision=auto chose
         "wall_s": train_s,
         "steps": result["steps"],
         "kl": result["after"].get("eval/kl_teacher_student"),
@@ -702,7 +703,12 @@ def report(
     results += [s for row in cap for runs_ in row["students"].values() for s in runs_]
     planned = sum(len(seeds_of(plan, m)) for m in plan["methods"])
     done = sum(len(v) for v in runs.values())
-    machines = sorted({r.get("machine", "not recorded") for r in results})
+    machines = sorted(
+        {
+            f"{r.get('machine', 'not recorded')} ({r.get('precision', 'precision not recorded')})"
+            for r in results
+        }
+    )
     hours = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in results) / 3600
     steps = sorted({r["steps"] for summaries in runs.values() for r in summaries})
     lines = [
