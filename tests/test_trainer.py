@@ -331,6 +331,41 @@ def test_packing_never_attends_across_examples():
     assert packed["labels"][0].tolist()[:7] == [5, 7, 9, -100, 4, 6, -100]
 
 
+def test_compiled_layers_keep_the_outputs_gradients_and_parameter_names():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from taid import models as M
+
+    def model() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=50,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
+
+    eager, compiled = model(), model()
+    M.compile_layers(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints unchanged
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    for m in (eager, compiled):
+        m(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    # inductor may reorder float32 reductions: equal to rounding, not bit for bit
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_builtin_conversion_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     """Regression: converting the built-in teacher on first use drew from the global RNG after

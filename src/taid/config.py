@@ -172,6 +172,11 @@ class TrainConfig:
     """Autocast precision of the student, the teacher and the loss (weights and optimizer stay
     float32). ``auto``: ``bf16`` where bfloat16 is native (CUDA devices that support it, CPUs
     with AMX or AVX-512 BF16), else ``no`` (float32); see :mod:`taid.hardware`."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer of the student and of an online teacher (regional
+    compilation: one compiled block reused by every layer; names and checkpoints unchanged).
+    Off by default: on the CPUs measured it did not speed the step (docs/benchmarks.md) and
+    it adds compile time at start-up."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     eval_batches: int | None = None

@@ -272,6 +272,18 @@ def make_accelerator(timeout_s: int, **kwargs: Any) -> Any:
     return Accelerator(cpu=distributed_cpu(), kwargs_handlers=handlers, **kwargs)
 
 
+def process_state(timeout_s: int) -> Any:
+    """The launch's processes without an ``Accelerator`` (``accelerate.PartialState``): for
+    work that needs ranks and barriers but no precision. An ``Accelerator`` fixes the
+    process-wide mixed precision, so a teacher cache written this way leaves a training run
+    in the same process free to choose its own."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=distributed_cpu(), timeout=timedelta(seconds=timeout_s))
+
+
 _REQUESTED_MODES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
 
 
@@ -343,6 +355,14 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"could not find the decoder layers of {type(model).__name__} "
         f"(an nn.ModuleList of num_hidden_layers={n} modules)"
     )
+
+
+def compile_layers(model: nn.Module) -> None:
+    """Compile each decoder layer in place (``nn.Module.compile``): the layers share one
+    compiled graph, so compiling costs about one layer's time, and parameter names, hooks and
+    checkpoints stay those of the eager model."""
+    for layer in decoder_layers(model)[1]:
+        layer.compile()
 
 
 def spread_layers(count: int, total: int) -> list[int]:

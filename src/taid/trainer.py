@@ -24,6 +24,7 @@ from torch import Tensor
 
 from taid import cache as T
 from taid import checkpoint as CK
+from taid import chunked as C
 from taid import data as D
 from taid import hardware as H
 from taid import models as M
@@ -359,13 +360,35 @@ def _evaluate_batches(
         totals[0] += ce.num_tokens
         totals[1] += ce.loss.double()
         if has_teacher:
-            source = teacher_source(s, batch)
-            width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
-            distill = s.loss_fn.compute(logits, source, labels).distill
-            if distill is not None:
-                totals[2] += distill.double()
-            totals[3] += kl_fn.compute(logits, source, labels).loss.double()
-            totals[4] += T.teacher_cross_entropy(source, labels, width)
+            _teacher_terms(s, logits, teacher_source(s, batch), labels, kl_fn, totals)
+
+
+def _teacher_terms(
+    s: Setup,
+    logits: Tensor,
+    source: S.TeacherSource,
+    labels: Tensor,
+    kl_fn: DistillationLoss,
+    totals: Tensor,
+) -> None:
+    """The batch's distillation loss, KL(teacher || student) and teacher cross-entropy in one
+    pass over the teacher: each chunk of target rows is formed once (from the cache, or from
+    hidden states and the output layer) and scored three ways. Every loss is a sum over
+    tokens, so the chunks' sums add up to the batch's."""
+    width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
+    flat = labels.reshape(-1)
+    idx = (flat != D.IGNORE_INDEX).nonzero().squeeze(1)
+    student_rows = logits.reshape(-1, logits.shape[-1])
+    chunk = C.default_chunk_size(max(idx.numel(), 1), width, logits.device)
+    for start in range(0, idx.numel(), chunk):
+        rows = idx[start : start + chunk]
+        teacher = S.LogitsTeacher(source.rows(rows, width))
+        z, y = student_rows.index_select(0, rows), flat.index_select(0, rows)
+        distill = s.loss_fn.compute(z, teacher, y).distill
+        if distill is not None:
+            totals[2] += distill.double()
+        totals[3] += kl_fn.compute(z, teacher, y).loss.double()
+        totals[4] += T.teacher_cross_entropy(teacher, y, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,6 +658,10 @@ def _prepare(
         num_warmup_steps=config.train.warmup_steps,
         num_training_steps=config.train.max_steps,
     )
+    if config.train.compile:
+        for model in (student, teacher):
+            if model is not None:
+                M.compile_layers(model)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if teacher is not None:
         if _sharded(accelerator):  # shard the teacher like the student, not one per rank
