@@ -1,11 +1,15 @@
 """The quickstart's optimizer step on this machine under each CPU option, in fresh processes,
-one after the other: float32, bfloat16 autocast (``train.mixed_precision=bf16``), packing.
+one after the other: float32, bfloat16 autocast (``train.mixed_precision=bf16``), packing, a
+teacher cache, torch.compile of the student.
 
-    python benchmarks/cpu_step.py [--steps 10] [--options fp32,bf16,packing]
+    python benchmarks/cpu_step.py [--steps 10] [--options fp32,bf16,packing,fp32+cache]
 
-For each option: the median step time and target tokens/s after two warm-up steps, the training
-loss of every step relative to float32 (the same batches unless packing changes them), and the
-held-out KL(teacher || student) after the steps. The CPU is named with the features that decide
+An option is one name or several joined by ``+`` (``bf16+cache``). ``cache`` first writes a
+hidden-state teacher cache of the quickstart's examples (``taid-cache-teacher``, timed: the
+one-off cost the steps repay) and trains from it. For each option: the median step time and
+target tokens/s after two warm-up steps, the training loss of every step relative to float32
+(the same batches unless packing changes them), and the held-out KL(teacher || student) after
+the steps. The CPU is named with the features that decide
 the answer (AVX-512 BF16 and AMX instructions make bfloat16 matmuls fast; AVX2 alone does not).
 Run it alone: timings on a shared 2-core machine vary 10-30% run to run.
 """
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +31,38 @@ OPTIONS = {
     "fp32": ["train.mixed_precision=no"],
     "bf16": ["train.mixed_precision=bf16"],
     "packing": ["data.packing=true"],
+    "cache": ["teacher.source=cache", "cache.mode=hidden"],
+    "compile": ["train.compile=true"],
 }
+CONFIG = ROOT / "configs" / "quickstart.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def overrides(option: str, workdir: Path) -> list[str]:
+    out = [o for part in option.split("+") for o in OPTIONS[part]]
+    if "cache" in option.split("+"):
+        out.append(f"teacher.cache_dir={workdir / 'teacher-cache'}")
+    return out
+
+
+def write_cache(workdir: Path) -> float:
+    """Write the hidden-state cache once (later options reuse it); its wall time."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "taid-cache-teacher"),
+            "--config",
+            str(CONFIG),
+            *overrides("cache", workdir),
+            "data.eval_size=16",
+            "log.progress=false",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+        env=ENV,
+    )
+    return time.perf_counter() - start
 
 
 def run(option: str, steps: int, workdir: Path) -> dict:
@@ -35,7 +71,7 @@ def run(option: str, steps: int, workdir: Path) -> dict:
         sys.executable,
         str(ROOT / "scripts" / "train.py"),
         "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
+        str(CONFIG),
         f"output_dir={out}",
         "overwrite=true",
         f"train.max_steps={steps}",
@@ -47,10 +83,9 @@ def run(option: str, steps: int, workdir: Path) -> dict:
         "log.progress=false",
         "log.plot=false",
         "log.trackers=[]",
-        *OPTIONS[option],
+        *overrides(option, workdir),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -76,6 +111,8 @@ def main() -> None:
     print(describe_device())
     print(f"python benchmarks/cpu_step.py --steps {args.steps} --options {args.options}\n")
     with tempfile.TemporaryDirectory() as tmp:
+        if any("cache" in option.split("+") for option in options):
+            print(f"teacher cache written in {write_cache(Path(tmp)):.1f} s (once)\n")
         results = {option: run(option, args.steps, Path(tmp)) for option in options}
     base = results.get("fp32", {})
     print(
@@ -90,7 +127,7 @@ def main() -> None:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None
         diff = (
             max(abs(a / b - 1) for a, b in zip(r["losses"], base["losses"]))
-            if "losses" in base and option != "packing"
+            if "losses" in base and "packing" not in option.split("+")
             else None
         )
         print(
