@@ -38,6 +38,21 @@ def test_shipped_configs_exist():
     assert len(names) >= 5  # plus the paper's three recipes
 
 
+def test_the_demo_commands_name_valid_settings():
+    """`make demo` writes a teacher cache, then trains from it, both with the overrides of the
+    Makefile's DEMO_CACHE: they must make a valid config (a typo would show only at the end
+    of the cache write)."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("DEMO_CACHE"))
+    overrides = line.split(":=", 1)[1].split()
+    config = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    assert config.teacher.source == "cache" and config.cache.mode == "hidden"
+    assert config.cache.dtype == "float32"  # exact logits: the same student as the online demo
+    demo = text[text.index("\ndemo:") :].split("\n\n")[0]
+    assert "taid-cache-teacher --config configs/quickstart.yaml $(DEMO_CACHE)" in demo
+    assert "scripts/train.py --config configs/quickstart.yaml $(DEMO_CACHE)" in demo
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(ROOT / "configs" / "smoke.yaml", ["train.max_steps=3"])
     path = write(tmp_path, dump(config))
