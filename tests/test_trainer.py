@@ -331,6 +331,47 @@ def test_packing_never_attends_across_examples():
     assert packed["labels"][0].tolist()[:7] == [5, 7, 9, -100, 4, 6, -100]
 
 
+@pytest.mark.parametrize("loss", ["taid", "skl"])
+def test_evaluation_equals_float64_sums_over_every_held_out_token(tmp_path, monkeypatch, loss):
+    """evaluate() (teacher rows formed once per chunk, scored three ways) against float64
+    sums over each held-out target token; chunks of 3 rows, so that a batch spans several."""
+    from reference import reference
+    from taid import chunked as C
+
+    monkeypatch.setattr(C, "default_chunk_size", lambda *a, **k: 3)
+    extra = ["loss.alpha=0.1"] if loss == "skl" else []
+    s = T.build(smoke(tmp_path, "loss={}", f"loss.name={loss}", *extra))
+    got = T.evaluate(s)
+    params = {"t": s.loss_fn.t} if loss == "taid" else {"alpha": 0.1}
+    n = ce_s = ce_t = kl = distill = 0.0
+    for batch in D.eval_batches(
+        s.eval_examples, s.config.train.batch_size, s.tokenizer.pad_token_id, packed=False
+    ):
+        labels, inputs = batch["labels"], T.model_inputs(batch)
+        with torch.no_grad():
+            zs = s.student(**inputs, use_cache=False).logits.double()
+            zt = s.teacher(**inputs, use_cache=False).logits.double()
+        width = min(zs.shape[-1], zt.shape[-1])
+        zs, zt = zs[..., :width], zt[..., :width]
+        mask = labels != -100
+        logq, logp = zs.log_softmax(-1), zt.log_softmax(-1)
+        y = labels.clamp(min=0).unsqueeze(-1)
+        n += int(mask.sum())
+        ce_s -= float(logq.gather(-1, y).squeeze(-1)[mask].sum())
+        ce_t -= float(logp.gather(-1, y).squeeze(-1)[mask].sum())
+        kl += float((logp.exp() * (logp - logq)).sum(-1)[mask].sum())
+        distill += float(reference(loss, zs, zt, labels, params, reduction="sum"))
+    assert got["eval/tokens"] == n
+    want = {
+        "eval/student_ce": ce_s / n,
+        "eval/teacher_ce": ce_t / n,
+        "eval/kl_teacher_student": kl / n,
+        "eval/distill": distill / n,
+    }
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_compiled_layers_keep_the_outputs_gradients_and_parameter_names():
     from transformers import LlamaConfig, LlamaForCausalLM
 
