@@ -343,13 +343,18 @@ def loss_overrides(method: list[str]) -> list[str]:
 
 @dataclass
 class Selection:
-    """Which runs this invocation may train; the others are only read if their result
-    exists (``report_only``: none is trained)."""
+    """Which runs this invocation may train, in the order of ``methods`` (within a seed); the
+    others are only read if their result exists (``report_only``: none is trained)."""
 
-    methods: set[str] | None = None
+    methods: list[str] | None = None
     seeds: set[int] | None = None
     report_only: bool = False
     fresh: bool = False
+
+    def order(self, names: list[str]) -> list[str]:
+        """``names`` with the selected methods first, in the order they were given."""
+        chosen = [m for m in self.methods or [] if m in names]
+        return chosen + [m for m in names if m not in chosen]
 
     def trains(self, method: str, seed: int) -> bool:
         return (
@@ -380,7 +385,8 @@ def comparison(
     missing = []
     cache_ready = False
     for seed in plan["seeds"]:
-        for method, loss in plan["methods"].items():
+        for method in sel.order(list(plan["methods"])):
+            loss = plan["methods"][method]
             if seed not in seeds_of(plan, method):
                 continue
             path = plan["results"] / "main" / method / f"seed{seed}.json"
@@ -853,7 +859,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-capacity", action="store_true", help="skip the capacity ladder")
     parser.add_argument("--fresh", action="store_true", help="redo finished runs")
-    parser.add_argument("--methods", default=None, help="train only these (comma-separated)")
+    parser.add_argument(
+        "--methods", default=None, help="train only these, in this order (comma-separated)"
+    )
     parser.add_argument("--seeds", default=None, help="train only these seeds (comma-separated)")
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
@@ -867,12 +875,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = report_path.parent / ("results" if not args.quick else "figures")
     figures.mkdir(parents=True, exist_ok=True)
     sel = Selection(
-        methods=None if args.methods is None else set(args.methods.split(",")),
+        methods=None if args.methods is None else args.methods.split(","),
         seeds=None if args.seeds is None else {int(x) for x in args.seeds.split(",")},
         report_only=args.report_only,
         fresh=args.fresh,
     )
-    unknown = (sel.methods or set()) - set(plan["methods"])
+    unknown = set(sel.methods or []) - set(plan["methods"])
     if unknown:
         raise SystemExit(
             f"--methods: unknown {sorted(unknown)}; the plan has {list(plan['methods'])}"

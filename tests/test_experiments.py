@@ -101,3 +101,10 @@ def test_paired_differences_and_their_reading(compare):
     # only the seeds both have are paired; one seed gives no reading
     one = paired(_runs({"taid": [1.0], "fkl": [1.5, 1.6]}), "taid", "fkl")
     assert one["seeds"] == 1 and verdict(one["kl"], lower=True) == "one seed"
+
+
+def test_methods_train_in_the_order_given(compare):
+    sel = compare["Selection"](methods=["taid", "fkl"])
+    assert sel.order(["sft", "fkl", "rkl", "taid"]) == ["taid", "fkl", "sft", "rkl"]
+    assert sel.trains("fkl", 0) and not sel.trains("sft", 0)
+    assert compare["Selection"]().order(["sft", "fkl"]) == ["sft", "fkl"]
