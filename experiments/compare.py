@@ -665,11 +665,14 @@ METRICS = [
 
 def paired(runs: dict[str, list[dict]], treatment: str, baseline: str) -> dict[str, Any]:
     """Per metric, the differences ``treatment - baseline`` over the seeds both have: mean,
-    standard deviation, and how many seeds favour each side."""
+    standard deviation, and how many seeds favour each side. A seed whose two runs trained in
+    different precisions (``auto`` on different kinds of CPU) is left out and counted: the
+    precision alone moves the metrics by about as much as some methods differ."""
     a = {r["seed"]: r for r in runs.get(treatment, [])}
     b = {r["seed"]: r for r in runs.get(baseline, [])}
-    seeds = sorted(set(a) & set(b))
-    out: dict[str, Any] = {"seeds": len(seeds)}
+    both = sorted(set(a) & set(b))
+    seeds = [k for k in both if a[k].get("precision") == b[k].get("precision")]
+    out: dict[str, Any] = {"seeds": len(seeds), "precision_differs": len(both) - len(seeds)}
     for key, _, lower, _ in METRICS:
         diffs = [
             a[k][key] - b[k][key]
@@ -802,7 +805,11 @@ def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[st
                     else f"{c['mean']:+.{digits}f} ± {c['sd']:.{digits}f}, "
                     f"{c['treatment']}:{c['baseline']}, {verdict(c, lower)}"
                 )
-            lines.append(f"| {baseline} | {p['seeds']} | " + " | ".join(cells) + " |")
+            left_out = p["precision_differs"]
+            seeds = f"{p['seeds']}" + (
+                f" ({left_out} left out: precisions differ)" if left_out else ""
+            )
+            lines.append(f"| {baseline} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 

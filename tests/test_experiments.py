@@ -101,6 +101,11 @@ def test_paired_differences_and_their_reading(compare):
     # only the seeds both have are paired; one seed gives no reading
     one = paired(_runs({"taid": [1.0], "fkl": [1.5, 1.6]}), "taid", "fkl")
     assert one["seeds"] == 1 and verdict(one["kl"], lower=True) == "one seed"
+    # a seed whose two runs trained in different precisions is not paired, and is counted
+    runs = _runs({"taid": [1.0, 1.1], "fkl": [1.5, 1.6]})
+    runs["fkl"][1]["precision"] = "bf16"
+    split = paired(runs, "taid", "fkl")
+    assert (split["seeds"], split["precision_differs"], split["kl"]["n"]) == (1, 1, 1)
 
 
 def test_methods_train_in_the_order_given(compare):
