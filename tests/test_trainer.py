@@ -300,20 +300,25 @@ def test_response_only_masking_keeps_end_of_turn_when_pad_is_eos():
     assert (batch["labels"][0] == tok.eos_token_id).any()
 
 
-def test_packing_never_attends_across_examples():
+def tiny_llama(layers: int):
+    """A Llama of ``layers`` layers, 32 wide, over 50 ids, from seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=50,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             num_key_value_heads=2,
         )
-    ).eval()
+    )
+
+
+def test_packing_never_attends_across_examples():
+    model = tiny_llama(2).eval()
     a = D.Example([1, 5, 7, 9], [1, 1, 1, 1])
     b = D.Example([2, 4, 6], [1, 1, 1])
     packed = D.collate(D.pack([a, b], 16), pad_id=0, packed=True)
@@ -373,24 +378,9 @@ def test_evaluation_equals_float64_sums_over_every_held_out_token(tmp_path, monk
 
 
 def test_compiled_layers_keep_the_outputs_gradients_and_parameter_names():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from taid import models as M
 
-    def model() -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=50,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-            )
-        )
-
-    eager, compiled = model(), model()
+    eager, compiled = tiny_llama(3), tiny_llama(3)
     M.compile_layers(compiled)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints unchanged
     ids = torch.randint(0, 50, (2, 7))
