@@ -358,9 +358,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def compile_layers(model: nn.Module) -> None:
-    """Compile each decoder layer in place (``nn.Module.compile``): the layers share one
-    compiled graph, so compiling costs about one layer's time, and parameter names, hooks and
-    checkpoints stay those of the eager model."""
+    """Compile each decoder layer in place (``nn.Module.compile``; PyTorch's regional
+    compilation, where layers of the same structure reuse one compiled graph). Parameter names,
+    hooks and checkpoints stay those of the eager model."""
     for layer in decoder_layers(model)[1]:
         layer.compile()
 
