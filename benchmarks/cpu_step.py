@@ -35,6 +35,8 @@ OPTIONS = {
     "compile": ["train.compile=true"],
 }
 CONFIG = ROOT / "configs" / "quickstart.yaml"
+# The examples every run and the cache share (a cache is refused by runs of other data)
+DATA = ["data.eval_size=16"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -54,7 +56,7 @@ def write_cache(workdir: Path) -> float:
             "--config",
             str(CONFIG),
             *overrides("cache", workdir),
-            "data.eval_size=16",
+            *DATA,
             "log.progress=false",
         ],
         check=True,
@@ -78,7 +80,7 @@ def run(option: str, steps: int, workdir: Path) -> dict:
         "train.eval_every=0",
         "train.save_every=0",
         "train.warmup_steps=2",
-        "data.eval_size=16",
+        *DATA,
         "log.samples=0",
         "log.progress=false",
         "log.plot=false",
