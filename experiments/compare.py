@@ -614,21 +614,45 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def curve_differences(
+    runs: dict[str, list[dict]], treatment: str, baseline: str
+) -> list[tuple[int, float, float, int]]:
+    """Held-out KL of ``treatment`` minus ``baseline`` at every evaluation step both runs of a
+    seed have, paired by seed (same data order, same start): ``(step, mean, sd, seeds)`` per
+    step. Seeds whose two runs trained in different precisions are left out, as in
+    :func:`paired`."""
+    a = {r["seed"]: r for r in runs.get(treatment, []) if r.get("eval_curve")}
+    b = {r["seed"]: r for r in runs.get(baseline, []) if r.get("eval_curve")}
+    by_step: dict[int, list[float]] = {}
+    for seed in sorted(set(a) & set(b)):
+        if a[seed].get("precision") != b[seed].get("precision"):
+            continue
+        base = {p["step"]: p["kl"] for p in b[seed]["eval_curve"]}
+        for p in a[seed]["eval_curve"]:
+            if p["step"] in base:
+                by_step.setdefault(p["step"], []).append(p["kl"] - base[p["step"]])
+    return [(step, *_stats(d), len(d)) for step, d in sorted(by_step.items())]
+
+
 def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> None:
-    """Held-out KL(teacher || student) at every evaluation (mean over seeds, thin lines per
-    seed) for ``methods``, and t of the TAID runs on a second axis."""
+    """Top: held-out KL(teacher || student) at every evaluation (mean over seeds, thin lines
+    per seed) for ``methods``, and t of the TAID runs on a second axis. Bottom: each method's
+    KL minus the first method's, paired by seed (mean, shaded ± one standard deviation), so
+    that where a method is behind (above 0) or ahead (below 0) during training is visible at
+    the scale of the differences, not of the first evaluations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    shown = [m for m in methods if any(r.get("eval_curve") for r in runs.get(m, []))]
+    fig, (ax, low) = plt.subplots(
+        2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     twin = ax.twinx()
-    for k, method in enumerate(m for m in methods if runs.get(m)):
+    for k, method in enumerate(shown):
         color = f"C{k}"
         seeds = [r["eval_curve"] for r in runs[method] if r.get("eval_curve")]
-        if not seeds:
-            continue
         steps = [p["step"] for p in seeds[0]]
         for curve in seeds:
             ax.plot(
@@ -641,7 +665,21 @@ def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> 
             twin.plot(
                 steps, [p["t"] for p in seeds[0]], color=color, ls="--", lw=1, label=f"{method} (t)"
             )
-    ax.set_xlabel("optimizer step")
+        if k == 0:
+            continue
+        diff = curve_differences(runs, method, shown[0])
+        if diff:
+            x = [d[0] for d in diff]
+            m = [d[1] for d in diff]
+            low.plot(x, m, color=color, lw=1.5, label=f"{method} - {shown[0]}")
+            low.fill_between(
+                x,
+                [v - d[2] for v, d in zip(m, diff)],
+                [v + d[2] for v, d in zip(m, diff)],
+                color=color,
+                alpha=0.15,
+                lw=0,
+            )
     ax.set_ylabel("held-out KL(teacher || student)")
     ax.set_yscale("log")
     twin.set_ylabel("t (dashed)")
@@ -649,6 +687,11 @@ def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> 
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right")
+    low.axhline(0.0, color="black", lw=0.8)
+    low.set_xlabel("optimizer step")
+    low.set_ylabel(f"KL minus {shown[0]}" if shown else "KL difference")
+    if low.get_legend_handles_labels()[0]:
+        low.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

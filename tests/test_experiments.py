@@ -113,3 +113,29 @@ def test_methods_train_in_the_order_given(compare):
     assert sel.order(["sft", "fkl", "rkl", "taid"]) == ["taid", "fkl", "sft", "rkl"]
     assert sel.trains("fkl", 0) and not sel.trains("sft", 0)
     assert compare["Selection"]().order(["sft", "fkl"]) == ["sft", "fkl"]
+
+
+def test_learning_curve_differences_pair_runs_by_seed_and_step(compare):
+    differences = compare["curve_differences"]
+
+    def run(seed, kls, steps=(0, 50, 100), precision="no"):
+        curve = [{"step": s, "kl": k} for s, k in zip(steps, kls)]
+        return {"seed": seed, "precision": precision, "eval_curve": curve}
+
+    runs = {
+        "taid": [run(0, [9.0, 3.0, 2.0]), run(1, [9.0, 4.0, 1.0]), run(2, [9.0, 1.0, 1.0])],
+        # seed 2 has no run of the baseline; seed 1 evaluated at step 50 only
+        "fkl": [run(0, [9.0, 2.5, 2.5]), run(1, [4.5], steps=(50,))],
+    }
+    got = differences(runs, "taid", "fkl")
+    assert [(step, n) for step, _, _, n in got] == [(0, 1), (50, 2), (100, 1)]
+    assert got[0][1:3] == (0.0, 0.0)
+    assert got[1][1] == pytest.approx(0.0) and got[1][2] == pytest.approx(2**0.5 / 2)
+    assert got[2][1:3] == (pytest.approx(-0.5), 0.0)
+    # a seed whose runs trained in different precisions is left out
+    runs["fkl"][1]["precision"] = "bf16"
+    assert [(step, n) for step, _, _, n in differences(runs, "taid", "fkl")] == [
+        (0, 1),
+        (50, 1),
+        (100, 1),
+    ]
