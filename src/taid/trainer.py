@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -676,25 +677,35 @@ def _prepare(
 # --------------------------------------------------------------------------------------------
 def train(config: Config) -> dict[str, Any]:
     """Run a distillation from a validated config; returns the final metrics."""
-    out_dir = Path(config.output_dir)
     resume_from = check_output_dir(config)
     finished = finished_run(config, resume_from)
     if finished is not None:
         return finished
     s = build(config)
-    acc, cfg = s.accelerator, config.train
-    optimizer, scheduler = s.optimizer, s.scheduler
+    state, stream, metrics_path = _open_run(s, resume_from)
+    before = evaluate(s) if state.step == 0 else {}
+    if before:
+        _log(s.accelerator, metrics_path, {"step": 0, **before})
+    samples, prompts = _samples_before(s) if state.step == 0 else ([], [])
+    _train_steps(s, state, stream, metrics_path)
+    return _finish(s, state, metrics_path, before, samples, prompts)
+
+
+def _open_run(s: Setup, resume_from: Path | None) -> tuple[TrainState, D.BatchStream, Path]:
+    """The run's state and data stream, restored from ``resume_from`` when given; the output
+    folder with the config, the metrics file cut back to the restored step, the trackers."""
+    config, acc = s.config, s.accelerator
+    out_dir = Path(config.output_dir)
     state = TrainState()
     stream = D.BatchStream(
         s.train_examples,
-        cfg.batch_size,
+        config.train.batch_size,
         seed=config.seed,
         pad_id=s.tokenizer.pad_token_id,
         packed=config.data.packing,
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
-
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump(config))
@@ -705,25 +716,34 @@ def train(config: Config) -> dict[str, Any]:
     if acc.is_main_process:  # rows after the checkpoint (or all, from step 0) are redone
         restart_metrics(out_dir, state.step)
     acc.init_trackers(config.log.project, config=_flat(to_dict(config)))
-    metrics_path = out_dir / "metrics.jsonl"
+    return state, stream, out_dir / "metrics.jsonl"
 
-    before = evaluate(s) if state.step == 0 else {}
-    if before:
-        _log(acc, metrics_path, {"step": 0, **before})
-    samples, prompts = [], []
-    if config.log.samples and state.step == 0 and acc.is_main_process:
-        prompts = sample_prompts(s.eval_examples or s.train_examples, config.log.samples)
-        for prompt in prompts:
-            row = {"prompt": s.tokenizer.decode(prompt)}
-            if s.teacher is not None:
-                row["teacher"] = greedy(
-                    acc.unwrap_model(s.teacher), s.tokenizer, prompt, config.log.sample_tokens
-                )
-            row["student_before"] = greedy(
-                acc.unwrap_model(s.student), s.tokenizer, prompt, config.log.sample_tokens
+
+def _samples_before(s: Setup) -> tuple[list[dict[str, str]], list[list[int]]]:
+    """``log.samples`` held-out prompts (main process) and the teacher's and the untrained
+    student's greedy answers to them; the trained student's are added by :func:`_finish`."""
+    config, acc = s.config, s.accelerator
+    if not config.log.samples or not acc.is_main_process:
+        return [], []
+    prompts = sample_prompts(s.eval_examples or s.train_examples, config.log.samples)
+    samples = []
+    for prompt in prompts:
+        row = {"prompt": s.tokenizer.decode(prompt)}
+        if s.teacher is not None:
+            row["teacher"] = greedy(
+                acc.unwrap_model(s.teacher), s.tokenizer, prompt, config.log.sample_tokens
             )
-            samples.append(row)
+        row["student_before"] = greedy(
+            acc.unwrap_model(s.student), s.tokenizer, prompt, config.log.sample_tokens
+        )
+        samples.append(row)
+    return samples, prompts
 
+
+def _train_steps(s: Setup, state: TrainState, stream: D.BatchStream, metrics_path: Path) -> None:
+    """Optimizer steps from ``state.step`` to ``train.max_steps``: each logged, and the
+    held-out evaluation and checkpoints at their intervals."""
+    config, acc, cfg = s.config, s.accelerator, s.config.train
     progress = None
     if config.log.progress and acc.is_local_main_process:
         from tqdm.auto import tqdm
@@ -733,105 +753,161 @@ def train(config: Config) -> dict[str, Any]:
     s.student.train()
     tokens_seen, t_start = 0, time.perf_counter()
     while state.step < cfg.max_steps:
-        step = state.step
         step_start = time.perf_counter()
-        micro, kinds = [], []
-        for i in range(cfg.grad_accum):
-            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-            if s.student_data is not None:  # the student's own responses to these prompts
-                batch, kind = s.student_data.batch(
-                    acc.unwrap_model(s.student), batch, step, i, synced=_sharded(acc)
-                )
-                kinds.append(kind)
-            micro.append(batch)
-        # Cached teacher rows are read here, so that the data wait below includes them.
-        cached = [
-            teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
-            for b in micro
-        ]
+        micro, kinds, cached = _next_micro_batches(s, batches, state.step)
         data_s = time.perf_counter() - step_start
-        # The denominator: valid tokens of the whole optimizer step, all micro-batches, all ranks.
-        ignore = s.loss_fn.ignore_index  # == D.IGNORE_INDEX, what the collator writes
-        local_tokens = sum(int((b["labels"] != ignore).sum()) for b in micro)
-        global_tokens = int(
-            acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
-        )
-        scale = acc.num_processes / max(global_tokens, 1)  # DDP averages over ranks
-        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, distill, ce
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            ctx = acc.no_sync(s.student) if not sync else contextlib.nullcontext()
-            with ctx:
-                out = batch_loss(s, batch, s.loss_fn, cached[i])
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({out.loss.item()}) at step {step}, micro-batch {i}; "
-                        f"the student's outputs contain NaN or inf (lower train.lr, check "
-                        f"train.mixed_precision, or resume from the last checkpoint)"
-                    )
-                acc.backward(out.loss * scale)
-            zero = out.loss.new_zeros(())
-            sums += torch.stack(
-                [
-                    out.loss.detach(),
-                    out.distill if out.distill is not None else zero,
-                    out.ce if out.ce is not None else zero,
-                ]
-            ).double()
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(s.student.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if s.loss_optimizer is not None:
-            step_loss_parameters(s)
-
-        # Token-weighted values of the whole step, identical on every rank.
-        sums = acc.reduce(sums, reduction="sum") / max(global_tokens, 1)
-        loss_value, distill_value, ce_value = (float(x) for x in sums)
-        schedule = s.loss_fn.advance(distill_value)
+        sums, global_tokens, grad_norm = _optimizer_step(s, micro, cached, state.step)
+        schedule = s.loss_fn.advance(sums[1])
         state.step += 1
         state.data = stream.state_dict()
         tokens_seen += global_tokens
         record = {
             "step": state.step,
-            "loss": loss_value,
-            "lr": scheduler.get_last_lr()[0],
+            "loss": sums[0],
+            "lr": s.scheduler.get_last_lr()[0],
             "tokens": global_tokens,
             "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
             "step_s": time.perf_counter() - step_start,
             "data_s": data_s,
+            **_step_terms(s, sums, grad_norm, schedule, kinds),
         }
-        if s.loss_fn.divergence:
-            record["distill"] = distill_value
-        if s.loss_fn.distill_weight < 1.0 and s.loss_fn.divergence:
-            record["ce"] = ce_value
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record.update(schedule)
-        if s.student_data is not None:  # the fraction this step drew with, and what it drew
-            record["student_fraction"] = s.student_data.fraction
-            record["student_batches"] = sum(kind != "dataset" for kind in kinds)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             _log(acc, metrics_path, record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
-                loss=f"{loss_value:.4f}",
+                loss=f"{sums[0]:.4f}",
                 t=f"{schedule.get('t', 0):.3f}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
-            held_out = evaluate(s)
-            _log(acc, metrics_path, {"step": state.step, **held_out})
-            if s.student_data is not None and "eval/distill" in held_out:
-                s.student_data.after_eval(held_out["eval/distill"])
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-            save_checkpoint(s, state)
+        _at_intervals(s, state, metrics_path)
     if progress is not None:
         progress.close()
 
+
+def _next_micro_batches(
+    s: Setup, batches: Iterator[dict[str, Tensor]], step: int
+) -> tuple[list[dict[str, Tensor]], list[str], list[S.TeacherSource | None]]:
+    """The step's ``grad_accum`` micro-batches on the device (with the student's own responses
+    where the recipe asks), what kind each is, and their cached teacher rows (read here, so
+    that the step's data time includes them)."""
+    acc = s.accelerator
+    micro, kinds = [], []
+    for i in range(s.config.train.grad_accum):
+        batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+        if s.student_data is not None:  # the student's own responses to these prompts
+            batch, kind = s.student_data.batch(
+                acc.unwrap_model(s.student), batch, step, i, synced=_sharded(acc)
+            )
+            kinds.append(kind)
+        micro.append(batch)
+    cached = [
+        teacher_source(s, b) if s.cache is not None and s.loss_fn.divergence else None
+        for b in micro
+    ]
+    return micro, kinds, cached
+
+
+def _optimizer_step(
+    s: Setup,
+    micro: list[dict[str, Tensor]],
+    cached: list[S.TeacherSource | None],
+    step: int,
+) -> tuple[list[float], int, Tensor | None]:
+    """Forward and backward over the micro-batches, clipping, the optimizer and LR steps.
+
+    Every loss is a sum over tokens divided by the valid tokens of the whole optimizer step
+    (all micro-batches, all ranks), so the gradient is that of the step's token mean whatever
+    the split. Returns the step's token means of (loss, distillation term, cross-entropy),
+    identical on every rank, the step's valid tokens and the gradient norm before clipping."""
+    acc, cfg = s.accelerator, s.config.train
+    ignore = s.loss_fn.ignore_index  # == D.IGNORE_INDEX, what the collator writes
+    local_tokens = sum(int((b["labels"] != ignore).sum()) for b in micro)
+    global_tokens = int(
+        acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
+    )
+    scale = acc.num_processes / max(global_tokens, 1)  # DDP averages over ranks
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, distill, ce
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        ctx = acc.no_sync(s.student) if not sync else contextlib.nullcontext()
+        with ctx:
+            out = batch_loss(s, batch, s.loss_fn, cached[i])
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({out.loss.item()}) at step {step}, micro-batch {i}; "
+                    f"the student's outputs contain NaN or inf (lower train.lr, check "
+                    f"train.mixed_precision, or resume from the last checkpoint)"
+                )
+            acc.backward(out.loss * scale)
+        zero = out.loss.new_zeros(())
+        sums += torch.stack(
+            [
+                out.loss.detach(),
+                out.distill if out.distill is not None else zero,
+                out.ce if out.ce is not None else zero,
+            ]
+        ).double()
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = acc.clip_grad_norm_(s.student.parameters(), cfg.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.loss_optimizer is not None:
+        step_loss_parameters(s)
+    means = acc.reduce(sums, reduction="sum") / max(global_tokens, 1)
+    return [float(x) for x in means], global_tokens, grad_norm
+
+
+def _step_terms(
+    s: Setup,
+    sums: list[float],
+    grad_norm: Tensor | None,
+    schedule: dict[str, float],
+    kinds: list[str],
+) -> dict[str, float]:
+    """The step's record beyond loss, rate and time: the loss's terms, the gradient norm, the
+    schedule's state (t, ...), and what the student-data recipe drew."""
+    record: dict[str, float] = {}
+    if s.loss_fn.divergence:
+        record["distill"] = sums[1]
+    if s.loss_fn.distill_weight < 1.0 and s.loss_fn.divergence:
+        record["ce"] = sums[2]
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    record.update(schedule)
+    if s.student_data is not None:  # the fraction this step drew with, and what it drew
+        record["student_fraction"] = s.student_data.fraction
+        record["student_batches"] = sum(kind != "dataset" for kind in kinds)
+    return record
+
+
+def _at_intervals(s: Setup, state: TrainState, metrics_path: Path) -> None:
+    """The held-out evaluation (which adapts a student-data recipe) and the checkpoint, at
+    their intervals; the last step's are :func:`_finish`'s."""
+    cfg = s.config.train
+    if state.step >= cfg.max_steps:
+        return
+    if cfg.eval_every and state.step % cfg.eval_every == 0:
+        held_out = evaluate(s)
+        _log(s.accelerator, metrics_path, {"step": state.step, **held_out})
+        if s.student_data is not None and "eval/distill" in held_out:
+            s.student_data.after_eval(held_out["eval/distill"])
+    if cfg.save_every and state.step % cfg.save_every == 0:
+        save_checkpoint(s, state)
+
+
+def _finish(
+    s: Setup,
+    state: TrainState,
+    metrics_path: Path,
+    before: dict[str, float],
+    samples: list[dict[str, str]],
+    prompts: list[list[int]],
+) -> dict[str, Any]:
+    """The final evaluation, samples, checkpoint, model and plot; the run's summary."""
+    config, acc = s.config, s.accelerator
     after = evaluate(s)
     _log(acc, metrics_path, {"step": state.step, **after})
     for row, prompt in zip(samples, prompts):
@@ -841,9 +917,8 @@ def train(config: Config) -> dict[str, Any]:
     if not _deepspeed(s):  # see build(): no checkpoints under DeepSpeed
         save_checkpoint(s, state)
     final_dir = save_final(s, state.step)
-    if acc.is_main_process:
-        if config.log.plot:
-            plot_history(read_metrics(metrics_path), out_dir / "loss_and_t.png")
+    if acc.is_main_process and config.log.plot:
+        plot_history(read_metrics(metrics_path), metrics_path.parent / "loss_and_t.png")
     acc.end_training()
     return {
         "before": before,
