@@ -327,33 +327,9 @@ def loss_terms(
     student = student_logits.reshape(n_rows, student_logits.shape[-1])
 
     if implementation == "eager":
-        rows = slice(0, n_rows) if idx.numel() == n_rows else idx
-        s = S.finite(S.take(student[:, :width], rows), fresh=False)
-        z = None if teacher is None else teacher.rows(rows, width)
-        out = D.mixed(
-            s,
-            z,
-            flat_labels,
-            divergence=objective.divergence,
-            params=objective.params,
-            distill_weight=objective.distill_weight,
-            temperature=objective.temperature,
-            temperature_scaling=objective.temperature_scaling,
+        loss, stats = _eager_logits_loss(
+            student, idx, teacher, flat_labels, objective, width, reduction
         )
-        finite_enough = out.loss.detach() <= D.INFINITE_LOSS  # False for NaN too
-        if out.loss.numel() and not bool(finite_enough.all()):
-            i = int((~finite_enough).nonzero()[0])
-            S.raise_bad_loss(
-                s[i].detach(),
-                None if z is None else z[i],
-                int(flat_labels[i])
-                if flat_labels is not None and objective.distill_weight < 1
-                else None,
-                objective.divergence,
-                int(idx[i]),
-            )
-        loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
-        stats = C.ChunkStats(loss.detach(), out.distill, out.ce)
     else:
         loss, stats = C.chunked_logits_loss(
             student,
@@ -366,6 +342,48 @@ def loss_terms(
             reduction=reduction,
         )
     return _output(loss, stats, idx, leading, reduction)
+
+
+def _eager_logits_loss(
+    student: Tensor,
+    idx: Tensor,
+    teacher: S.TeacherSource | None,
+    flat_labels: Tensor | None,
+    objective: C.Objective,
+    width: int,
+    reduction: Reduction,
+) -> tuple[Tensor, C.ChunkStats]:
+    """The eager path of :func:`loss_terms`: every valid row of ``student`` ``[N, V_s]`` at
+    once, through autograd, with the same checks as the chunked path (a loss above
+    ``INFINITE_LOSS`` names its row)."""
+    n_rows = student.shape[0]
+    rows = slice(0, n_rows) if idx.numel() == n_rows else idx
+    s = S.finite(S.take(student[:, :width], rows), fresh=False)
+    z = None if teacher is None else teacher.rows(rows, width)
+    out = D.mixed(
+        s,
+        z,
+        flat_labels,
+        divergence=objective.divergence,
+        params=objective.params,
+        distill_weight=objective.distill_weight,
+        temperature=objective.temperature,
+        temperature_scaling=objective.temperature_scaling,
+    )
+    finite_enough = out.loss.detach() <= D.INFINITE_LOSS  # False for NaN too
+    if out.loss.numel() and not bool(finite_enough.all()):
+        i = int((~finite_enough).nonzero()[0])
+        S.raise_bad_loss(
+            s[i].detach(),
+            None if z is None else z[i],
+            int(flat_labels[i])
+            if flat_labels is not None and objective.distill_weight < 1
+            else None,
+            objective.divergence,
+            int(idx[i]),
+        )
+    loss = C.reduce_rows(out.loss, idx, n_rows, reduction)
+    return loss, C.ChunkStats(loss.detach(), out.distill, out.ce)
 
 
 def fused_linear_terms(
