@@ -562,6 +562,13 @@ def _validate_student_data(config: Config) -> None:
 def validate(config: Config) -> None:
     """Cross-field checks; raises :class:`ConfigError` naming the key."""
     _validate_student_data(config)
+    _validate_training(config)
+    _validate_loss(config.loss)
+    _validate_models_and_sources(config)
+
+
+def _validate_training(config: Config) -> None:
+    """The optimizer, schedule, intervals, lengths and resume keys (fills warmup_steps)."""
     t = config.train
     _positive("train.max_steps", t.max_steps)
     _positive("train.batch_size", t.batch_size)
@@ -599,7 +606,9 @@ def validate(config: Config) -> None:
     if isinstance(config.resume, bool) and config.resume:
         raise ConfigError("resume must be 'auto', a checkpoint path, or false (got true)")
 
-    loss = config.loss
+
+def _validate_loss(loss: LossConfig) -> None:
+    """A registered loss, with parameters it accepts, in the ranges it accepts."""
     if loss.name not in LOSSES:
         raise ConfigError(
             f"loss.name {loss.name!r} is not a registered loss" + _closest(loss.name, list(LOSSES))
@@ -628,7 +637,11 @@ def validate(config: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss: {e}") from None
 
-    s = config.student
+
+def _validate_models_and_sources(config: Config) -> None:
+    """How the student and the teacher are made, where the teacher's outputs and the data
+    come from."""
+    loss, s = config.loss, config.student
     if s.init == "pretrained" and not s.name_or_path:
         raise ConfigError(
             "student.name_or_path is required with student.init: pretrained "
