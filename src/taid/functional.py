@@ -386,6 +386,39 @@ def _eager_logits_loss(
     return loss, C.ChunkStats(loss.detach(), out.distill, out.ce)
 
 
+def _check_fused_inputs(
+    reduction: Reduction,
+    chunk_size: int | None,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+) -> None:
+    """The fused path's options and the student's output layer: hidden ``[..., H]``, weight
+    ``[V, H]`` of the same dtype, bias ``[V]``; a per-position loss is the logits path's."""
+    _check_options(reduction, "chunked", chunk_size)
+    if reduction == "none":
+        raise ValueError(
+            "the fused output-layer path supports reduction 'mean' or 'sum'; use "
+            "the logits path (loss_terms / taid_loss) for per-position losses"
+        )
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        _check_float(name, x)
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = "
+            f"student_hidden's last dimension ({tuple(student_hidden.shape)})"
+        )
+    if student_hidden.dtype != student_weight.dtype:
+        raise TypeError(
+            f"student_hidden ({student_hidden.dtype}) and student_weight "
+            f"({student_weight.dtype}) must share a dtype"
+        )
+    if student_bias is not None and student_bias.shape != student_weight.shape[:1]:
+        raise ValueError(
+            f"student_bias {tuple(student_bias.shape)} must be [{student_weight.shape[0]}]"
+        )
+
+
 def fused_linear_terms(
     divergence: str | None,
     student_hidden: Tensor,
@@ -428,28 +461,7 @@ def fused_linear_terms(
             folded into the weight gradient).
         Other arguments: as :func:`loss_terms`.
     """
-    _check_options(reduction, "chunked", chunk_size)
-    if reduction == "none":
-        raise ValueError(
-            "the fused output-layer path supports reduction 'mean' or 'sum'; use "
-            "the logits path (loss_terms / taid_loss) for per-position losses"
-        )
-    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
-        _check_float(name, x)
-    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(
-            f"student_weight {tuple(student_weight.shape)} must be [V, H] with H = "
-            f"student_hidden's last dimension ({tuple(student_hidden.shape)})"
-        )
-    if student_hidden.dtype != student_weight.dtype:
-        raise TypeError(
-            f"student_hidden ({student_hidden.dtype}) and student_weight "
-            f"({student_weight.dtype}) must share a dtype"
-        )
-    if student_bias is not None and student_bias.shape != student_weight.shape[:1]:
-        raise ValueError(
-            f"student_bias {tuple(student_bias.shape)} must be [{student_weight.shape[0]}]"
-        )
+    _check_fused_inputs(reduction, chunk_size, student_hidden, student_weight, student_bias)
     leading = student_hidden.shape[:-1]
     n_rows = math.prod(leading)
     teacher_source = None
