@@ -665,20 +665,9 @@ def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> 
             twin.plot(
                 steps, [p["t"] for p in seeds[0]], color=color, ls="--", lw=1, label=f"{method} (t)"
             )
-        if k == 0:
-            continue
-        diff = curve_differences(runs, method, shown[0])
-        if diff:
-            x = [d[0] for d in diff]
-            m = [d[1] for d in diff]
-            low.plot(x, m, color=color, lw=1.5, label=f"{method} - {shown[0]}")
-            low.fill_between(
-                x,
-                [v - d[2] for v, d in zip(m, diff)],
-                [v + d[2] for v, d in zip(m, diff)],
-                color=color,
-                alpha=0.15,
-                lw=0,
+        if k > 0:
+            _plot_difference(
+                low, curve_differences(runs, method, shown[0]), color, f"{method} - {shown[0]}"
             )
     ax.set_ylabel("held-out KL(teacher || student)")
     ax.set_yscale("log")
@@ -695,6 +684,25 @@ def plot_curves(runs: dict[str, list[dict]], methods: list[str], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_difference(
+    ax: Any, diff: list[tuple[int, float, float, int]], color: str, label: str
+) -> None:
+    """One method's paired KL difference per step: its mean, shaded ± one standard deviation."""
+    if not diff:
+        return
+    x = [d[0] for d in diff]
+    mean = [d[1] for d in diff]
+    ax.plot(x, mean, color=color, lw=1.5, label=label)
+    ax.fill_between(
+        x,
+        [m - d[2] for m, d in zip(mean, diff)],
+        [m + d[2] for m, d in zip(mean, diff)],
+        color=color,
+        alpha=0.15,
+        lw=0,
+    )
 
 
 #: Held-out metrics compared per seed: key, label, whether lower is better, digits.
