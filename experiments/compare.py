@@ -790,6 +790,25 @@ def report(
         "those answers with the references; head / tail are the student's mass on its top-10 "
         "tokens / on its least likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3.",
         "",
+    ]
+    lines += metrics_table(runs, teacher, results)
+    lines += ["", *paired_section(plan, runs), ""]
+    lines += [
+        f"![held-out KL during training]({relative}/curves.png)",
+        "",
+        f"![loss and t per method]({relative}/loss_and_t.png)",
+        "",
+    ]
+    if cap:
+        lines += capacity_section(cap, relative)
+    return "\n".join(lines)
+
+
+def metrics_table(
+    runs: dict[str, list[dict]], teacher: dict[str, Any] | None, results: list[dict]
+) -> list[str]:
+    """One row per method (mean ± sd over its seeds, or "not run yet"), then the teacher's."""
+    lines = [
         "| method | n | KL | perplexity | teacher NLL | ROUGE-L | head mass | tail mass (1e-7) "
         "| min per run |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -813,16 +832,7 @@ def report(
             f"| teacher | | 0 | {teacher_ppl:.2f} | {teacher.get('teacher_nll', float('nan')):.3f}"
             f" | {teacher['rougeL']:.1f} | | | |"
         )
-    lines += ["", *paired_section(plan, runs), ""]
-    lines += [
-        f"![held-out KL during training]({relative}/curves.png)",
-        "",
-        f"![loss and t per method]({relative}/loss_and_t.png)",
-        "",
-    ]
-    if cap:
-        lines += capacity_section(cap, relative)
-    return "\n".join(lines)
+    return lines
 
 
 def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[str]:
