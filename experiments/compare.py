@@ -913,7 +913,7 @@ def write_report(path: Path, body: str) -> None:
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(HERE / "compare.yaml"))
     parser.add_argument(
@@ -934,7 +934,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = arguments(argv)
     plan = load_plan(Path(args.config), args.quick)
     out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
     if args.quick or not plan.get("results"):
