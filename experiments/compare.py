@@ -413,6 +413,27 @@ def comparison(
     return runs, missing
 
 
+Run = tuple[str, int, Path]
+
+
+def _capacity_runs(
+    cap: dict[str, Any], results: Path, sel: Selection
+) -> tuple[list[Run], list[Run]]:
+    """One teacher's student runs: every (method, seed, result file) of the plan, and those
+    this call trains (selected, and not finished unless ``fresh``)."""
+    planned = [
+        (method, seed, results / method / f"seed{seed}.json")
+        for method in cap["methods"]
+        for seed in cap["seeds"]
+    ]
+    todo = [
+        (m, seed, p)
+        for m, seed, p in planned
+        if (sel.fresh or not p.is_file()) and sel.trains(m, seed)
+    ]
+    return planned, todo
+
+
 def capacity(
     plan: dict[str, Any], out: Path, sel: Selection
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -433,17 +454,7 @@ def capacity(
     rows, missing = [], []
     for spec in cap["teachers"]:
         name = spec["name"]
-        planned = [
-            (method, seed, results / name / method / f"seed{seed}.json")
-            for method in cap["methods"]
-            for seed in cap["seeds"]
-        ]
-        todo = [
-            (m, seed, p)
-            for m, seed, p in planned
-            if sel.fresh or not p.is_file()
-            if sel.trains(m, seed)
-        ]
+        planned, todo = _capacity_runs(cap, results / name, sel)
         missing += [
             f"capacity {name}: {m} seed {seed}"
             for m, seed, p in planned
