@@ -814,14 +814,10 @@ def teacher_cross_entropy(
 ) -> Tensor:
     """Summed ``-log p_T(label)`` over the valid positions of ``labels`` (float64 scalar),
     chunk by chunk from any teacher source."""
-    flat = labels.reshape(-1)
-    idx = (flat != ignore_index).nonzero().squeeze(1)
     total = torch.zeros((), dtype=torch.float64, device=labels.device)
-    chunk = C.default_chunk_size(max(idx.numel(), 1), width, labels.device)
-    for start in range(0, idx.numel(), chunk):
-        rows = idx[start : start + chunk]
+    for rows, y in C.valid_chunks(labels, width, ignore_index):
         logp = torch.log_softmax(source.rows(rows, width), -1)
-        total -= logp.gather(1, flat.index_select(0, rows).unsqueeze(1)).double().sum()
+        total -= logp.gather(1, y.unsqueeze(1)).double().sum()
     return total
 
 

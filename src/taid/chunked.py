@@ -81,6 +81,18 @@ class Objective:
         return t if isinstance(t, Tensor) and D.learned(t) else None
 
 
+def valid_chunks(labels: Tensor, width: int, ignore_index: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The valid positions of ``labels`` (any shape, flattened), chunk by chunk: each chunk's
+    row indices ``[n]`` and their labels ``[n]``, sized by :func:`default_chunk_size` for a
+    ``width``-word vocabulary, for loops that form each chunk's ``[n, width]`` rows once."""
+    flat = labels.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)
+    chunk = default_chunk_size(max(idx.numel(), 1), width, labels.device)
+    for start in range(0, idx.numel(), chunk):
+        rows = idx[start : start + chunk]
+        yield rows, flat.index_select(0, rows)
+
+
 @dataclass
 class ChunkStats:
     """Values gathered by the loop (float32, no gradient): the reduced ``loss`` and the
@@ -467,4 +479,5 @@ __all__ = [
     "default_chunk_size",
     "fused_linear_loss",
     "reduce_rows",
+    "valid_chunks",
 ]

@@ -377,14 +377,10 @@ def _teacher_terms(
     hidden states and the output layer) and scored three ways. Every loss is a sum over
     tokens, so the chunks' sums add up to the batch's."""
     width = resolve_vocab(logits.shape[-1], source.width, s.vocab_size)
-    flat = labels.reshape(-1)
-    idx = (flat != D.IGNORE_INDEX).nonzero().squeeze(1)
     student_rows = logits.reshape(-1, logits.shape[-1])
-    chunk = C.default_chunk_size(max(idx.numel(), 1), width, logits.device)
-    for start in range(0, idx.numel(), chunk):
-        rows = idx[start : start + chunk]
+    for rows, y in C.valid_chunks(labels, width, D.IGNORE_INDEX):
         teacher = S.LogitsTeacher(source.rows(rows, width))
-        z, y = student_rows.index_select(0, rows), flat.index_select(0, rows)
+        z = student_rows.index_select(0, rows)
         distill = s.loss_fn.compute(z, teacher, y).distill
         if distill is not None:
             totals[2] += distill.double()
