@@ -31,6 +31,7 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
         assert 0 <= summary["tail_mass"] and summary["head_mass"] + summary["tail_mass"] <= 1
         assert 0 <= summary["rougeL"] <= 100
         assert summary["teacher_nll"] > 0 and summary["answer_tokens"] > 0
+        assert 0 < summary["step_s"] <= summary["wall_s"]
         assert [p["step"] for p in summary["eval_curve"]] == [0, 2, 3]
         # the result file, kept apart from the (ignored) run folder
         saved = tmp_path / "runs" / "results" / "main" / method / "seed0.json"
@@ -139,3 +140,16 @@ def test_learning_curve_differences_pair_runs_by_seed_and_step(compare):
         (50, 1),
         (100, 1),
     ]
+
+
+def test_step_time_is_the_median_logged_step_times_the_steps(compare):
+    step_seconds = compare["step_seconds"]
+    # logged every second step, an evaluation row between, one step slowed by another job
+    history = [
+        {"step": 2, "step_s": 1.0},
+        {"step": 2, "eval/kl": 3.0},
+        {"step": 4, "step_s": 2.0},
+        {"step": 6, "step_s": 9.0},
+    ]
+    assert step_seconds(history, 10) == pytest.approx(20.0)
+    assert step_seconds([{"step": 0, "eval/kl": 3.0}], 0) is None
