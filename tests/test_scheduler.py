@@ -70,6 +70,26 @@ def test_floor_dominates_short_runs_at_paper_defaults():
         assert t == pytest.approx(0.4 + 0.6 * n / N, abs=1e-12)
 
 
+@pytest.mark.parametrize("total_steps,t_start", [(600, 0.4), (37, 0.2)])
+def test_with_alpha_at_most_one_over_n_the_adaptive_rule_is_exactly_the_linear_one(
+    total_steps, t_start
+):
+    # dt = alpha * sigmoid(m) * (1 - t) < alpha * (1 - t_start) while t >= t_start, and the
+    # floor rises by (1 - t_start) / N per step: with alpha <= 1 / N, t is the floor at every
+    # step, bit for bit (the paper's alpha 5e-4 in runs of up to 2,000 steps). Losses halving
+    # every step drive the momentum, and with it dt, as high as positive losses can.
+    bound = 1 / total_steps
+    halving = [10.0 * 0.5**k for k in range(total_steps)]
+
+    def ts(alpha, adaptive):
+        s = TAIDScheduler(t_start=t_start, alpha=alpha, total_steps=total_steps, adaptive=adaptive)
+        return [s.step(J) for J in halving]
+
+    assert ts(bound, True) == ts(bound, False)
+    # above the bound the momentum term lifts t off the floor
+    assert any(a > b for a, b in zip(ts(4 * bound, True), ts(4 * bound, False)))
+
+
 def test_t_is_monotone_and_clipped_at_t_end_even_when_loss_rises():
     s = TAIDScheduler(t_start=0.1, t_end=0.9, alpha=0.3, total_steps=50)
     rising = [1.0 + 0.1 * k for k in range(80)]
