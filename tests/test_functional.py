@@ -348,6 +348,28 @@ def test_adaptive_kl_head_is_mapped_back_to_vocabulary_order():
     torch.testing.assert_close(TF.adaptive_kl(s, z, mu=0.5), expected)
 
 
+def test_adaptive_kl_heads_wider_and_narrower_than_its_top_k_candidates(impl):
+    """The head is searched among the teacher's top candidates, with a full sort for the rows
+    whose candidates hold less than mu: a vocabulary wider than the candidates, with peaked
+    teacher rows (a head of one or two tokens) and near-uniform ones (a head of about half the
+    vocabulary), matches the float64 reference in value and gradient."""
+    from taid.divergences import _AKL_TOP_K
+
+    V = 4 * _AKL_TOP_K + 3
+    student, teacher, labels = make_inputs((3, 7), V, seed=21)
+    teacher[0] = 0.05 * teacher[0]  # near uniform: the head spans ~V/2 > _AKL_TOP_K tokens
+    teacher[1, :, 5] += 9.0  # one token holds most of the mass
+    teacher[2, ::2, 7] += 6.0
+    student.requires_grad_(True)
+    loss = TF.adaptive_kl(student, teacher, labels, mu=0.5, ignore_index=42, **IMPLS[impl])
+    expected = reference("akl", student.double(), teacher, labels, {"mu": 0.5}, ignore_index=42)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    grad_out = torch.tensor(2.5)
+    (got,) = torch.autograd.grad(loss, student, grad_out)
+    (want,) = torch.autograd.grad(expected, student, grad_out.double())
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+
+
 def test_cross_entropy_matches_torch_with_custom_ignore_index(impl):
     student, _, labels = make_inputs((3, 47), 123, seed=14)
     s1 = student.clone().requires_grad_(True)

@@ -162,6 +162,33 @@ def skew_reverse_kl(s: Tensor, z: Tensor, *, alpha: float, need_grad: bool = Fal
     return loss, _through_log_softmax(h, q)
 
 
+#: Candidates for adaptive KL's head: the teacher's ``_AKL_TOP_K`` most likely tokens. A
+#: language model's head (the tokens holding the first half of the mass) is a handful of
+#: tokens: on SmolLM2-135M-Instruct's outputs over 4,026 positions of data/distill.jsonl, the
+#: top 64 held half the mass on all but 0.25% of them. Those rows fall back to a full sort.
+_AKL_TOP_K = 64
+
+
+def _head_gap(p: Tensor, gap: Tensor, mu: float) -> Tensor:
+    """``sum(gap)`` over each row's head: the smallest set of tokens, taken in descending
+    ``p``, whose cumulative mass reaches ``mu`` (a token is in it when the mass before it is
+    below ``mu``). ``p``, ``gap``: ``[N, V]``; returns ``[N]``.
+
+    Sorting ``[N, V]`` dominated the loss (about 20x the cost of the rest on CPU at V = 49,152);
+    the head lies within the top ``_AKL_TOP_K`` tokens whenever their mass reaches ``mu``, so
+    only the other rows are sorted in full."""
+    top, idx = p.topk(min(_AKL_TOP_K, p.shape[-1]), dim=-1)  # descending, as a full sort
+    before = top.cumsum(dim=-1).sub_(top)
+    head_gap = _dot(gap.gather(-1, idx), (before < mu).to(gap.dtype))
+    beyond = (before[:, -1] + top[:, -1]) < mu  # the head may extend past the candidates
+    if bool(beyond.any()):
+        rows = beyond.nonzero().squeeze(1)
+        p_sorted, order = p[rows].sort(dim=-1, descending=True)
+        before = p_sorted.cumsum(dim=-1).sub_(p_sorted)
+        head_gap[rows] = _dot(gap[rows].gather(-1, order), (before < mu).to(gap.dtype))
+    return head_gap
+
+
 def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> KernelOut:
     """Adaptive KL: ``w_head KL(p||q) + (1 - w_head) KL(q||p)``.
 
@@ -169,18 +196,15 @@ def adaptive_kl(s: Tensor, z: Tensor, *, mu: float, need_grad: bool = False) -> 
     cumulative mass reaches ``mu``; ``w_head = g_head / (g_head + g_tail)`` with
     ``g = |p - q|`` summed over head and tail, without gradient. The split is computed in sorted
     order and mapped back to vocabulary order (the reference code applied the sorted mask in
-    vocabulary order).
+    vocabulary order); see :func:`_head_gap`.
     """
     log_q, log_p = _log_probs(s, z, need_grad)
     p, q = log_p.exp(), log_q.exp()
     with torch.no_grad():
-        p_sorted, order = p.sort(dim=-1, descending=True)
-        mass_before = p_sorted.cumsum(dim=-1).sub_(p_sorted)
-        head = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, mass_before < mu)
         gap = (p - q).abs_()
         g_total = gap.sum(-1)
-        w_head = torch.where(g_total > 0, _dot(gap, head.float()) / g_total.clamp_min(1e-30), 0.5)
-        del p_sorted, order, mass_before, head, gap
+        w_head = torch.where(g_total > 0, _head_gap(p, gap, mu) / g_total.clamp_min(1e-30), 0.5)
+        del gap
     diff = log_q - log_p  # log q - log p
     fkl = -_dot(p, diff)
     rkl = _dot(q, diff)
