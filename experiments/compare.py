@@ -323,6 +323,7 @@ def teacher_reference(
     ref = {
         "rougeL": rouge_l(answers, refs),
         "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
+        "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
         "params": sum(p.numel() for p in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
     }
@@ -809,7 +810,10 @@ def report(
         "held-out responses; teacher NLL is the teacher's mean negative log-likelihood per "
         "token of the student's greedy answers to the held-out prompts (lower: the teacher "
         "finds the answers likely; no reference answer involved); ROUGE-L (x 100) compares "
-        "those answers with the references; head / tail are the student's mass on its top-10 "
+        "those answers with the references; answer tokens is their mean length (at most "
+        f"{plan['generation']['max_new_tokens']}: an answer that never ends sits at the limit, "
+        "and the teacher may find a repetitive one likely); head / tail are the student's "
+        "mass on its top-10 "
         "tokens / on its least likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3; "
         "step min is the minutes of a run's optimizer steps (median step time x steps: "
         "evaluations, set-up and slowdowns by other jobs left out).",
@@ -833,19 +837,20 @@ def metrics_table(
 ) -> list[str]:
     """One row per method (mean ± sd over its seeds, or "not run yet"), then the teacher's."""
     lines = [
-        "| method | n | KL | perplexity | teacher NLL | ROUGE-L | head mass | tail mass (1e-7) "
-        "| step min per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | n | KL | perplexity | teacher NLL | ROUGE-L | answer tokens | head mass "
+        "| tail mass (1e-7) | step min per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, summaries in runs.items():
         if not summaries:
-            lines.append(f"| {method} | 0 | not run yet | | | | | | |")
+            lines.append(f"| {method} | 0 | not run yet | | | | | | | |")
             continue
         lines.append(
             f"| {method} | {len(summaries)} | {_ms([s['kl'] for s in summaries], 4)} | "
             f"{_ms([s['ppl'] for s in summaries], 2)} | "
             f"{_ms([s.get('teacher_nll') for s in summaries], 3)} | "
             f"{_ms([s['rougeL'] for s in summaries], 1)} | "
+            f"{_ms([s.get('answer_tokens') for s in summaries], 1)} | "
             f"{_ms([s['head_mass'] for s in summaries], 3)} | "
             f"{_ms([s['tail_mass'] for s in summaries], 2, 1e7)} | "
             f"{_ms([s.get('step_s') for s in summaries], 1, 1 / 60)} |"
@@ -854,7 +859,7 @@ def metrics_table(
     if teacher is not None and teacher_ppl is not None:
         lines.append(
             f"| teacher | | 0 | {teacher_ppl:.2f} | {teacher.get('teacher_nll', float('nan')):.3f}"
-            f" | {teacher['rougeL']:.1f} | | | |"
+            f" | {teacher['rougeL']:.1f} | {_ms([teacher.get('answer_tokens')], 1)} | | | |"
         )
     return lines
 
