@@ -275,8 +275,22 @@ def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dic
         "rougeL": rouge_l(answers, refs),
         "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
         "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
+        "repeated_4grams": repeated_ngrams(answer_ids, 4),
         "answers": answers[:3],
     }
+
+
+def repeated_ngrams(answers: list[list[int]], n: int) -> float | None:
+    """The mean over answers of the fraction of an answer's token n-grams that already occurred
+    earlier in it: 0 for an answer that never repeats itself, near 1 for a loop. The teacher's
+    NLL rewards repetition (a model finds a repeated phrase likely), so it is read beside this.
+    Answers shorter than ``n`` tokens are left out; ``None`` when none is long enough."""
+    fractions = []
+    for ids in answers:
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        if grams:
+            fractions.append(1.0 - len(set(grams)) / len(grams))
+    return statistics.fmean(fractions) if fractions else None
 
 
 def step_seconds(history: list[dict[str, Any]], steps: int) -> float | None:
@@ -324,6 +338,7 @@ def teacher_reference(
         "rougeL": rouge_l(answers, refs),
         "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
         "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
+        "repeated_4grams": repeated_ngrams(answer_ids, 4),
         "params": sum(p.numel() for p in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
     }
@@ -812,7 +827,9 @@ def report(
         "finds the answers likely; no reference answer involved); ROUGE-L (x 100) compares "
         "those answers with the references; answer tokens is their mean length (at most "
         f"{plan['generation']['max_new_tokens']}: an answer that never ends sits at the limit, "
-        "and the teacher may find a repetitive one likely); head / tail are the student's "
+        "and the teacher may find a repetitive one likely); repeated 4-grams is the fraction of "
+        "an answer's 4-grams of tokens that it already used (near 1: a loop); head / tail are "
+        "the student's "
         "mass on its top-10 "
         "tokens / on its least likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3; "
         "step min is the minutes of a run's optimizer steps (median step time x steps: "
@@ -832,18 +849,24 @@ def report(
     return "\n".join(lines)
 
 
+def _count(summaries: list[dict]) -> str:
+    """`` (n=k)`` when only k of the runs measured repeated 4-grams (added after some ran)."""
+    k = sum(s.get("repeated_4grams") is not None for s in summaries)
+    return "" if k in (0, len(summaries)) else f" (n={k})"
+
+
 def metrics_table(
     runs: dict[str, list[dict]], teacher: dict[str, Any] | None, results: list[dict]
 ) -> list[str]:
     """One row per method (mean ± sd over its seeds, or "not run yet"), then the teacher's."""
     lines = [
-        "| method | n | KL | perplexity | teacher NLL | ROUGE-L | answer tokens | head mass "
-        "| tail mass (1e-7) | step min per run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | n | KL | perplexity | teacher NLL | ROUGE-L | answer tokens | repeated "
+        "4-grams | head mass | tail mass (1e-7) | step min per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, summaries in runs.items():
         if not summaries:
-            lines.append(f"| {method} | 0 | not run yet | | | | | | | |")
+            lines.append(f"| {method} | 0 | not run yet | | | | | | | | |")
             continue
         lines.append(
             f"| {method} | {len(summaries)} | {_ms([s['kl'] for s in summaries], 4)} | "
@@ -851,6 +874,7 @@ def metrics_table(
             f"{_ms([s.get('teacher_nll') for s in summaries], 3)} | "
             f"{_ms([s['rougeL'] for s in summaries], 1)} | "
             f"{_ms([s.get('answer_tokens') for s in summaries], 1)} | "
+            f"{_ms([s.get('repeated_4grams') for s in summaries], 2)}{_count(summaries)} | "
             f"{_ms([s['head_mass'] for s in summaries], 3)} | "
             f"{_ms([s['tail_mass'] for s in summaries], 2, 1e7)} | "
             f"{_ms([s.get('step_s') for s in summaries], 1, 1 / 60)} |"
@@ -859,7 +883,8 @@ def metrics_table(
     if teacher is not None and teacher_ppl is not None:
         lines.append(
             f"| teacher | | 0 | {teacher_ppl:.2f} | {teacher.get('teacher_nll', float('nan')):.3f}"
-            f" | {teacher['rougeL']:.1f} | {_ms([teacher.get('answer_tokens')], 1)} | | | |"
+            f" | {teacher['rougeL']:.1f} | {_ms([teacher.get('answer_tokens')], 1)} | "
+            f"{_ms([teacher.get('repeated_4grams')], 2)} | | | |"
         )
     return lines
 

@@ -32,6 +32,7 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
         assert 0 <= summary["rougeL"] <= 100
         assert summary["teacher_nll"] > 0 and summary["answer_tokens"] > 0
         assert 0 < summary["step_s"] <= summary["wall_s"]
+        assert summary["repeated_4grams"] is None or 0 <= summary["repeated_4grams"] < 1
         assert [p["step"] for p in summary["eval_curve"]] == [0, 2, 3]
         # the result file, kept apart from the (ignored) run folder
         saved = tmp_path / "runs" / "results" / "main" / method / "seed0.json"
@@ -153,3 +154,13 @@ def test_step_time_is_the_median_logged_step_times_the_steps(compare):
     ]
     assert step_seconds(history, 10) == pytest.approx(20.0)
     assert step_seconds([{"step": 0, "eval/kl": 3.0}], 0) is None
+
+
+def test_repeated_ngrams_count_what_an_answer_already_said(compare):
+    repeated = compare["repeated_ngrams"]
+    assert repeated([[1, 2, 3, 4, 5, 6]], 4) == 0.0
+    # a loop of three tokens: of its 7 4-grams, 3 distinct
+    assert repeated([[1, 2, 3] * 3 + [1]], 4) == pytest.approx(1 - 3 / 7)
+    # answers shorter than n are left out; none long enough gives None
+    assert repeated([[1, 2], [1, 2, 3, 4, 5, 6]], 4) == 0.0
+    assert repeated([[1, 2, 3]], 4) is None
