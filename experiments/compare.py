@@ -811,7 +811,7 @@ def report(
     steps = sorted({r["steps"] for summaries in runs.values() for r in summaries})
     lines = [
         f"Command: `{command}`. Runs complete: {done} of {planned} in the main comparison"
-        + (f"; still to run: {', '.join(missing)}" if missing else "")
+        + (f"; still to run: {still_to_run(missing)}" if missing else "")
         + f". Steps per run: {', '.join(map(str, steps)) or 'n/a'}. Wall time of the finished "
         f"runs (training and measurement): {hours:.1f} h. Machine(s): {'; '.join(machines)}."
         + (
@@ -853,6 +853,13 @@ def _count(summaries: list[dict]) -> str:
     """`` (n=k)`` when only k of the runs measured repeated 4-grams (added after some ran)."""
     k = sum(s.get("repeated_4grams") is not None for s in summaries)
     return "" if k in (0, len(summaries)) else f" (n={k})"
+
+
+def still_to_run(missing: list[str]) -> str:
+    """The main comparison's missing runs by name; the capacity ladder's counted."""
+    main = [m for m in missing if not m.startswith("capacity ")]
+    ladder = len(missing) - len(main)
+    return ", ".join(main + ([f"the capacity ladder's {ladder} runs"] if ladder else []))
 
 
 def metrics_table(

@@ -164,3 +164,10 @@ def test_repeated_ngrams_count_what_an_answer_already_said(compare):
     # answers shorter than n are left out; none long enough gives None
     assert repeated([[1, 2], [1, 2, 3, 4, 5, 6]], 4) == 0.0
     assert repeated([[1, 2, 3]], 4) is None
+
+
+def test_the_report_names_the_main_runs_still_to_run_and_counts_the_ladders(compare):
+    still = compare["still_to_run"]
+    missing = ["fkl seed 1", "capacity t10: fkl seed 0", "capacity t10: the teacher"]
+    assert still(missing) == "fkl seed 1, the capacity ladder's 2 runs"
+    assert still(["fkl seed 1"]) == "fkl seed 1"
