@@ -174,18 +174,22 @@ def _head_gap(p: Tensor, gap: Tensor, mu: float) -> Tensor:
     ``p``, whose cumulative mass reaches ``mu`` (a token is in it when the mass before it is
     below ``mu``). ``p``, ``gap``: ``[N, V]``; returns ``[N]``.
 
-    Sorting ``[N, V]`` dominated the loss (about 20x the cost of the rest on CPU at V = 49,152);
-    the head lies within the top ``_AKL_TOP_K`` tokens whenever their mass reaches ``mu``, so
-    only the other rows are sorted in full."""
+    Sorting ``[N, V]`` was 85% of the loss's time on CPU at V = 49,152
+    (benchmarks/objectives.py); the head lies within the top ``_AKL_TOP_K`` tokens whenever
+    their mass reaches ``mu``, so only the other rows are sorted in full."""
+
+    def in_order(p_desc: Tensor, order: Tensor, gap: Tensor) -> tuple[Tensor, Tensor]:
+        # the gap summed over the head among tokens given in descending p, and the mass
+        # before each of them
+        before = p_desc.cumsum(dim=-1).sub_(p_desc)
+        return _dot(gap.gather(-1, order), (before < mu).to(gap.dtype)), before
+
     top, idx = p.topk(min(_AKL_TOP_K, p.shape[-1]), dim=-1)  # descending, as a full sort
-    before = top.cumsum(dim=-1).sub_(top)
-    head_gap = _dot(gap.gather(-1, idx), (before < mu).to(gap.dtype))
+    head_gap, before = in_order(top, idx, gap)
     beyond = (before[:, -1] + top[:, -1]) < mu  # the head may extend past the candidates
     if bool(beyond.any()):
         rows = beyond.nonzero().squeeze(1)
-        p_sorted, order = p[rows].sort(dim=-1, descending=True)
-        before = p_sorted.cumsum(dim=-1).sub_(p_sorted)
-        head_gap[rows] = _dot(gap[rows].gather(-1, order), (before < mu).to(gap.dtype))
+        head_gap[rows] = in_order(*p[rows].sort(dim=-1, descending=True), gap[rows])[0]
     return head_gap
 
 
