@@ -271,12 +271,23 @@ def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dic
     student = s.accelerator.unwrap_model(s.student)
     answers, answer_ids = greedy_answers(student, s.tokenizer, prompts, gen["max_new_tokens"])
     teacher = s.teacher if s.teacher is not None else scoring_teacher(config)
+    return {**answer_scores(teacher, prompts, answers, answer_ids, refs), "answers": answers[:3]}
+
+
+def answer_scores(
+    teacher: Any,
+    prompts: list[list[int]],
+    answers: list[str],
+    answer_ids: list[list[int]],
+    refs: list[str],
+) -> dict[str, Any]:
+    """How greedy answers to the held-out prompts are scored, the students' and the teacher's
+    alike: ROUGE-L against the references, the teacher's NLL, mean length, repetition."""
     return {
         "rougeL": rouge_l(answers, refs),
         "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
         "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
         "repeated_4grams": repeated_ngrams(answer_ids, 4),
-        "answers": answers[:3],
     }
 
 
@@ -335,10 +346,7 @@ def teacher_reference(
     prompts, refs = prompts_and_references(held, tokenizer, gen["prompts"])
     answers, answer_ids = greedy_answers(teacher, tokenizer, prompts, gen["max_new_tokens"])
     ref = {
-        "rougeL": rouge_l(answers, refs),
-        "teacher_nll": teacher_nll(teacher, prompts, answer_ids),
-        "answer_tokens": statistics.fmean(len(a) for a in answer_ids) if answer_ids else 0.0,
-        "repeated_4grams": repeated_ngrams(answer_ids, 4),
+        **answer_scores(teacher, prompts, answers, answer_ids, refs),
         "params": sum(p.numel() for p in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
     }
@@ -829,9 +837,8 @@ def report(
         f"{plan['generation']['max_new_tokens']}: an answer that never ends sits at the limit, "
         "and the teacher may find a repetitive one likely); repeated 4-grams is the fraction of "
         "an answer's 4-grams of tokens that it already used (near 1: a loop); head / tail are "
-        "the student's "
-        "mass on its top-10 "
-        "tokens / on its least likely 20% of the vocabulary (x 1e-7), as in the paper's Table 3; "
+        "the student's mass on its top-10 tokens / on its least likely 20% of the vocabulary "
+        "(x 1e-7), as in the paper's Table 3; "
         "step min is the minutes of a run's optimizer steps (median step time x steps: "
         "evaluations, set-up and slowdowns by other jobs left out).",
         "",
