@@ -249,6 +249,7 @@ def run_one(
         "kl": result["after"].get("eval/kl_teacher_student"),
         "ppl": result["after"]["eval/student_ppl"],
         "teacher_ppl": result["after"].get("eval/teacher_ppl"),
+        "teacher_weights_sha256": teacher_digest(config),
         **generation_metrics(plan, config, s),
         **probability_mass(s),
         **curves(history),
@@ -261,6 +262,16 @@ def run_one(
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, result_path)
     return summary
+
+
+def teacher_digest(config: Config) -> str | None:
+    """The SHA-256 of the teacher's weights a run trained from, as its cache recorded it
+    (``None`` for an online teacher). A capacity teacher healed again on another machine is
+    another copy of it: the report says when one teacher's students come from several."""
+    if config.teacher.source != "cache" or not config.teacher.cache_dir:
+        return None
+    manifest = Path(config.teacher.cache_dir) / T.MANIFEST
+    return json.loads(manifest.read_text()).get("teacher_weights_sha256")
 
 
 def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dict[str, Any]:
@@ -349,6 +360,7 @@ def teacher_reference(
         **answer_scores(teacher, prompts, answers, answer_ids, refs),
         "params": sum(p.numel() for p in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
+        "teacher_weights_sha256": T.weights_hash(teacher),
     }
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ref))
@@ -552,8 +564,10 @@ def capacity_teacher(
     if "layers" not in spec:  # the base teacher itself
         return [], base_cache
     final = root / "teachers" / name / "final"
+    cache_dir = root / f"cache-{name}"
     if not (final / "config.json").is_file():
         print(f"[capacity] training teacher {name}", flush=True)
+        shutil.rmtree(cache_dir, ignore_errors=True)  # written from an earlier copy, if any
         run_one(
             plan,
             root / "teachers" / name,
@@ -571,7 +585,6 @@ def capacity_teacher(
             fresh=True,  # its weights are needed, not only its result
         )
     teacher = [f"teacher.name_or_path={final}", "teacher.architecture=null"]
-    cache_dir = root / f"cache-{name}"
     write_teacher_cache(plan, cache_dir, teacher)
     return teacher, cache_dir
 
@@ -955,6 +968,7 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
         + " |",
         "|---|---|---|---|---|" + "---|" * len(methods),
     ]
+    notes: list[str] = []
     for row in cap:
         cells = [
             f"{_ms([s['kl'] for s in row['students'].get(m, [])], 3)} / "
@@ -962,13 +976,29 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
             for m in methods
         ]
         ppl = row.get("teacher_ppl")
+        copies = teacher_copies(row)
+        if copies > 1:
+            notes.append(
+                f"{row['teacher']}: its students and reference come from {copies} copies of "
+                "the teacher (healed again on another machine); the row mixes them."
+            )
         lines.append(
             f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
             f"{'n/a' if ppl is None else f'{ppl:.2f}'} | {row['rougeL']:.1f} | "
             + " | ".join(cells)
             + " |"
         )
-    return lines + ["", f"![capacity gap]({relative}/capacity.png)", ""]
+    notes = [*notes, ""] if notes else []
+    return lines + ["", *notes, f"![capacity gap]({relative}/capacity.png)", ""]
+
+
+def teacher_copies(row: dict[str, Any]) -> int:
+    """How many different copies of a capacity teacher (by weight digest) its reference and
+    students were made with; results that did not record one are not counted."""
+    digests = {row.get("teacher_weights_sha256")} | {
+        s.get("teacher_weights_sha256") for runs in row["students"].values() for s in runs
+    }
+    return len(digests - {None})
 
 
 def write_report(path: Path, body: str) -> None:

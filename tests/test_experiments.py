@@ -40,6 +40,12 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
     assert "| taid |" in report and "Capacity gap" in report and "Paired differences" in report
     assert [row["teacher"] for row in out["capacity"]] == ["tiny-1l", "tiny-2l"]
     assert out["capacity"][0]["layers"] == 1 and out["capacity"][1]["layers"] == 2
+    # each teacher's reference and students record the one copy of it they were made with
+    for row in out["capacity"]:
+        assert compare["teacher_copies"](row) == 1
+    assert (
+        out["capacity"][0]["teacher_weights_sha256"] != out["capacity"][1]["teacher_weights_sha256"]
+    )
     for name in ("loss_and_t.png", "capacity.png", "curves.png"):
         assert (out["figures"] / name).stat().st_size > 1000
     # t rises on the TAID runs only, and is logged with every evaluation
@@ -171,3 +177,24 @@ def test_the_report_names_the_main_runs_still_to_run_and_counts_the_ladders(comp
     missing = ["fkl seed 1", "capacity t10: fkl seed 0", "capacity t10: the teacher"]
     assert still(missing) == "fkl seed 1, the capacity ladder's 2 runs"
     assert still(["fkl seed 1"]) == "fkl seed 1"
+
+
+def test_the_capacity_table_says_when_a_teacher_was_healed_twice(compare):
+    def student(digest):
+        return {"kl": 1.0, "teacher_nll": 1.0, "teacher_weights_sha256": digest}
+
+    row = {
+        "teacher": "t10",
+        "params": 1e6,
+        "layers": 10,
+        "rougeL": 50.0,
+        "teacher_weights_sha256": "a",
+        "students": {"fkl": [student("a"), student("a")]},
+    }
+    assert compare["teacher_copies"](row) == 1
+    assert "copies" not in "\n".join(compare["capacity_section"]([row], "fig"))
+    row["students"]["taid"] = [student("b"), student(None)]  # None: not recorded
+    assert compare["teacher_copies"](row) == 2
+    assert "t10: its students and reference come from 2 copies" in "\n".join(
+        compare["capacity_section"]([row], "fig")
+    )
