@@ -249,7 +249,7 @@ def run_one(
         "kl": result["after"].get("eval/kl_teacher_student"),
         "ppl": result["after"]["eval/student_ppl"],
         "teacher_ppl": result["after"].get("eval/teacher_ppl"),
-        "teacher_weights_sha256": teacher_digest(config),
+        "teacher_weights_sha256": teacher_digest(s),
         **generation_metrics(plan, config, s),
         **probability_mass(s),
         **curves(history),
@@ -264,14 +264,12 @@ def run_one(
     return summary
 
 
-def teacher_digest(config: Config) -> str | None:
-    """The SHA-256 of the teacher's weights a run trained from, as its cache recorded it
-    (``None`` for an online teacher). A capacity teacher healed again on another machine is
-    another copy of it: the report says when one teacher's students come from several."""
-    if config.teacher.source != "cache" or not config.teacher.cache_dir:
-        return None
-    manifest = Path(config.teacher.cache_dir) / T.MANIFEST
-    return json.loads(manifest.read_text()).get("teacher_weights_sha256")
+def teacher_digest(s: TR.Setup) -> str | None:
+    """The SHA-256 of the teacher's weights a run trained from, as the manifest of the cache it
+    read recorded it (``None`` for an online teacher). A capacity teacher healed again on
+    another machine is another copy of it: the report says when one teacher's students come
+    from several."""
+    return None if s.cache is None else s.cache.manifest.get("teacher_weights_sha256")
 
 
 def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dict[str, Any]:
