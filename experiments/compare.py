@@ -35,11 +35,12 @@ import torch
 import yaml
 
 from taid import cache as T
+from taid import checkpoint as CK
 from taid import data as D
 from taid import models as M
 from taid import trainer as TR
 from taid.config import Config, ConfigError, load_config
-from taid.hardware import describe_device
+from taid.hardware import describe_device, resolve_precision
 
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
@@ -77,9 +78,32 @@ def load_plan(path: Path, quick: bool) -> dict[str, Any]:
 
 
 def config_for(plan: dict[str, Any], out: Path, *extra: str) -> Config:
-    return load_config(
-        plan["config"], [*plan["overrides"], f"output_dir={out}", "overwrite=true", *extra]
-    )
+    """A run's config: the plan's overrides, then ``extra``, with ``train.mixed_precision``
+    pinned to what ``auto`` resolves to on this machine. Pinned, the precision is part of
+    what a checkpoint records of its run, so a run begun in bfloat16 is never finished in
+    float32 on another kind of CPU (:func:`open_run` starts it over instead)."""
+    args = [*plan["overrides"], f"output_dir={out}", *extra]
+    config = load_config(plan["config"], args)
+    precision = resolve_precision(config.train.mixed_precision)
+    if precision == config.train.mixed_precision:
+        return config
+    return load_config(plan["config"], [*args, f"train.mixed_precision={precision}"])
+
+
+def open_run(plan: dict[str, Any], out: Path, overrides: list[str]) -> Config:
+    """The config of a run in ``out`` that has no result yet. It resumes from the last
+    checkpoint there when the same configuration (precision included) wrote it, and starts
+    over, saying why, when another did. A run that finished training but was stopped while
+    being measured is finished again from its last checkpoint (its ``final`` folder is
+    removed, so that the trainer hands back a setup to measure)."""
+    config = config_for(plan, out, *overrides)
+    try:
+        TR.check_output_dir(config)
+    except (ConfigError, CK.CheckpointError) as e:
+        print(f"[compare] {out}: starting over ({e})", flush=True)
+        return config_for(plan, out, *overrides, "overwrite=true")
+    shutil.rmtree(out / "final", ignore_errors=True)
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +257,7 @@ def run_one(
     checkpoint in ``out``."""
     if result_path.is_file() and not fresh:
         return json.loads(result_path.read_text())
-    config = config_for(plan, out, *overrides)
+    config = open_run(plan, out, overrides)
     start = time.perf_counter()
     result = TR.train(config)
     train_s = time.perf_counter() - start
@@ -323,19 +347,21 @@ def step_seconds(history: list[dict[str, Any]], steps: int) -> float | None:
 
 
 def curves(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The training loss and t per step, and the held-out KL at every evaluation."""
+    """The training loss and t per step, and the held-out KL at every evaluation. A step
+    evaluated twice (a run finished again after its measurement was stopped) counts once,
+    with its last row."""
+    evals = {r["step"]: r for r in history if "eval/kl_teacher_student" in r}
     return {
         "history": [
             {k: r[k] for k in ("step", "loss", "t") if k in r} for r in history if "loss" in r
         ],
         "eval_curve": [
             {
-                "step": r["step"],
+                "step": step,
                 "kl": r["eval/kl_teacher_student"],
                 **({"t": r["eval/t"]} if "eval/t" in r else {}),
             }
-            for r in history
-            if "eval/kl_teacher_student" in r
+            for step, r in sorted(evals.items())
         ],
     }
 

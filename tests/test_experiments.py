@@ -198,3 +198,76 @@ def test_the_capacity_table_says_when_a_teacher_was_healed_twice(compare):
     assert "t10: its students and reference come from 2 copies" in "\n".join(
         compare["capacity_section"]([row], "fig")
     )
+
+
+class _Stop(Exception):
+    """Stands for a run killed part-way (a session ending, a machine taken back)."""
+
+
+def test_a_stopped_run_resumes_where_it_was_and_a_changed_one_starts_over(
+    compare, tmp_path, monkeypatch, capsys
+):
+    from taid import trainer as TR
+
+    plan = compare["load_plan"](ROOT / "experiments" / "compare.yaml", True)
+    names = compare["run_one"].__globals__  # the functions' own namespace
+    real_step = TR._optimizer_step
+    calls: list[int] = []
+    stop_at: list[int | None] = [None]
+
+    def optimizer_step(s, micro, cached, step):
+        calls.append(step)
+        if step == stop_at[0]:
+            raise _Stop
+        return real_step(s, micro, cached, step)
+
+    monkeypatch.setattr(TR, "_optimizer_step", optimizer_step)
+
+    def run(out, loss, stop=None):
+        calls.clear()
+        stop_at[0] = stop
+        overrides = ["seed=0", "train.save_every=1", *compare["loss_overrides"]([loss])]
+        return compare["run_one"](plan, out, overrides, out.parent / f"{out.name}.json")
+
+    def check(summary):  # one row per step and per evaluation: nothing counted twice
+        assert [h["step"] for h in summary["history"]] == [1, 2, 3]
+        assert [p["step"] for p in summary["eval_curve"]] == [0, 2, 3]
+
+    # stopped during step 3 (checkpoints at steps 1 and 2): the same run resumes at step 3
+    with pytest.raises(_Stop):
+        run(tmp_path / "a", "loss.name=fkl", stop=2)
+    check(run(tmp_path / "a", "loss.name=fkl"))
+    assert calls == [2]
+    assert "resumed from" in capsys.readouterr().out
+
+    # the same folder with another loss: its checkpoints belong to another run; start over
+    with pytest.raises(_Stop):
+        run(tmp_path / "b", "loss.name=fkl", stop=2)
+    capsys.readouterr()
+    measure = names["generation_metrics"]
+
+    def stopped_measurement(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setitem(names, "generation_metrics", stopped_measurement)
+    with pytest.raises(_Stop):  # trained all three steps, stopped while being measured
+        run(tmp_path / "b", "loss.name=rkl")
+    assert calls == [0, 1, 2]
+    assert "starting over" in capsys.readouterr().out
+    assert not (tmp_path / "b.json").exists()
+    # measured again from its last checkpoint, not trained again
+    monkeypatch.setitem(names, "generation_metrics", measure)
+    summary = run(tmp_path / "b", "loss.name=rkl")
+    assert calls == []
+    check(summary)
+    assert json.loads((tmp_path / "b.json").read_text())["kl"] == summary["kl"]
+
+
+def test_a_runs_precision_is_pinned_to_what_auto_picks_here(compare, tmp_path):
+    from taid.hardware import resolve_precision
+
+    plan = compare["load_plan"](ROOT / "experiments" / "compare.yaml", True)
+    auto = {**plan, "overrides": [*plan["overrides"], "train.mixed_precision=auto"]}
+    config = compare["config_for"](auto, tmp_path)
+    assert config.train.mixed_precision == resolve_precision("auto") != "auto"
+    assert compare["config_for"](plan, tmp_path).train.mixed_precision == "no"
