@@ -90,20 +90,21 @@ def config_for(plan: dict[str, Any], out: Path, *extra: str) -> Config:
     return load_config(plan["config"], [*args, f"train.mixed_precision={precision}"])
 
 
-def open_run(plan: dict[str, Any], out: Path, overrides: list[str]) -> Config:
-    """The config of a run in ``out`` that has no result yet. It resumes from the last
+def open_run(plan: dict[str, Any], out: Path, overrides: list[str]) -> tuple[Config, int | None]:
+    """The config of a run in ``out`` that has no result yet, and the step it resumes from
+    (``None``: from the start). It resumes from the last
     checkpoint there when the same configuration (precision included) wrote it, and starts
     over, saying why, when another did. A run that finished training but was stopped while
     being measured is finished again from its last checkpoint (its ``final`` folder is
     removed, so that the trainer hands back a setup to measure)."""
     config = config_for(plan, out, *overrides)
     try:
-        TR.check_output_dir(config)
+        checkpoint = TR.check_output_dir(config)
     except (ConfigError, CK.CheckpointError) as e:
         print(f"[compare] {out}: starting over ({e})", flush=True)
-        return config_for(plan, out, *overrides, "overwrite=true")
+        return config_for(plan, out, *overrides, "overwrite=true"), None
     shutil.rmtree(out / "final", ignore_errors=True)
-    return config
+    return config, None if checkpoint is None else CK.step_of(checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def run_one(
     checkpoint in ``out``."""
     if result_path.is_file() and not fresh:
         return json.loads(result_path.read_text())
-    config = open_run(plan, out, overrides)
+    config, resumed_at = open_run(plan, out, overrides)
     start = time.perf_counter()
     result = TR.train(config)
     train_s = time.perf_counter() - start
@@ -268,6 +269,7 @@ def run_one(
         "machine": describe_device(),
         "precision": s.accelerator.mixed_precision,  # what train.mixed_precision=auto chose
         "wall_s": train_s,  # this call's: a resumed run's is its last part only
+        "resumed_at": resumed_at,
         "step_s": step_seconds(history, result["steps"]),
         "steps": result["steps"],
         "kl": result["after"].get("eval/kl_teacher_student"),
@@ -858,7 +860,8 @@ def report(
         f"Command: `{command}`. Runs complete: {done} of {planned} in the main comparison"
         + (f"; still to run: {still_to_run(missing)}" if missing else "")
         + f". Steps per run: {', '.join(map(str, steps)) or 'n/a'}. Wall time of the finished "
-        f"runs (training and measurement): {hours:.1f} h. Machine(s): {'; '.join(machines)}."
+        f"runs (training and measurement{resumed_note(results)}): {hours:.1f} h. "
+        f"Machine(s): {'; '.join(machines)}."
         + (
             f" One seed only, for the budget: {', '.join(plan['single_seed'])}."
             if plan.get("single_seed")
@@ -891,6 +894,14 @@ def report(
     if cap:
         lines += capacity_section(cap, relative)
     return "\n".join(lines)
+
+
+def resumed_note(results: list[dict]) -> str:
+    """``; k resumed ...`` when some runs were resumed: their wall time is their last part's."""
+    k = sum(r.get("resumed_at") is not None for r in results)
+    return (
+        f"; {k} resumed run{'s' if k > 1 else ''}: the part after the checkpoint only" if k else ""
+    )
 
 
 def _count(summaries: list[dict]) -> str:

@@ -236,9 +236,13 @@ def test_a_stopped_run_resumes_where_it_was_and_a_changed_one_starts_over(
     # stopped during step 3 (checkpoints at steps 1 and 2): the same run resumes at step 3
     with pytest.raises(_Stop):
         run(tmp_path / "a", "loss.name=fkl", stop=2)
-    check(run(tmp_path / "a", "loss.name=fkl"))
-    assert calls == [2]
+    resumed = run(tmp_path / "a", "loss.name=fkl")
+    check(resumed)
+    assert calls == [2] and resumed["resumed_at"] == 2
     assert "resumed from" in capsys.readouterr().out
+    assert "1 resumed run: the part after the checkpoint only" in compare["resumed_note"](
+        [resumed, {"resumed_at": None}]
+    )
 
     # the same folder with another loss: its checkpoints belong to another run; start over
     with pytest.raises(_Stop):
