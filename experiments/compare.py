@@ -973,15 +973,7 @@ def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[st
             if baseline == treatment or not runs[baseline]:
                 continue
             p = paired(runs, treatment, baseline)
-            cells = []
-            for key, _, lower, digits in METRICS:
-                c = p.get(key)
-                cells.append(
-                    "n/a"
-                    if c is None
-                    else f"{c['mean']:+.{digits}f} ± {c['sd']:.{digits}f}, "
-                    f"{c['treatment']}:{c['baseline']}, {verdict(c, lower)}"
-                )
+            cells = [paired_cell(p.get(key), lower, digits) for key, _, lower, digits in METRICS]
             left_out = p["precision_differs"]
             seeds = f"{p['seeds']}" + (
                 f" ({left_out} left out: precisions differ)" if left_out else ""
@@ -989,6 +981,19 @@ def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[st
             lines.append(f"| {baseline} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def paired_cell(c: dict[str, Any] | None, lower: bool, digits: int) -> str:
+    """One metric's paired difference: ``mean ± sd, k:m, reading``; for one seed only the
+    difference (no spread, no count to read)."""
+    if c is None:
+        return "n/a"
+    if c["n"] < 2:
+        return f"{c['mean']:+.{digits}f}, one seed"
+    return (
+        f"{c['mean']:+.{digits}f} ± {c['sd']:.{digits}f}, "
+        f"{c['treatment']}:{c['baseline']}, {verdict(c, lower)}"
+    )
 
 
 def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:

@@ -109,6 +109,10 @@ def test_paired_differences_and_their_reading(compare):
     # only the seeds both have are paired; one seed gives no reading
     one = paired(_runs({"taid": [1.0], "fkl": [1.5, 1.6]}), "taid", "fkl")
     assert one["seeds"] == 1 and verdict(one["kl"], lower=True) == "one seed"
+    cell = compare["paired_cell"]
+    assert cell(one["kl"], True, 4) == "-0.5000, one seed"  # no spread or count to read
+    assert cell(kl, True, 2) == "-0.47 ± 0.06, 3:0, TAID better"
+    assert cell(None, True, 2) == "n/a"
     # a seed whose two runs trained in different precisions is not paired, and is counted
     runs = _runs({"taid": [1.0, 1.1], "fkl": [1.5, 1.6]})
     runs["fkl"][1]["precision"] = "bf16"
