@@ -40,7 +40,7 @@ from taid import data as D
 from taid import models as M
 from taid import trainer as TR
 from taid.config import Config, ConfigError, load_config
-from taid.hardware import describe_device, resolve_precision
+from taid.hardware import describe_device
 
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
@@ -78,25 +78,17 @@ def load_plan(path: Path, quick: bool) -> dict[str, Any]:
 
 
 def config_for(plan: dict[str, Any], out: Path, *extra: str) -> Config:
-    """A run's config: the plan's overrides, then ``extra``, with ``train.mixed_precision``
-    pinned to what ``auto`` resolves to on this machine. Pinned, the precision is part of
-    what a checkpoint records of its run, so a run begun in bfloat16 is never finished in
-    float32 on another kind of CPU (:func:`open_run` starts it over instead)."""
-    args = [*plan["overrides"], f"output_dir={out}", *extra]
-    config = load_config(plan["config"], args)
-    precision = resolve_precision(config.train.mixed_precision)
-    if precision == config.train.mixed_precision:
-        return config
-    return load_config(plan["config"], [*args, f"train.mixed_precision={precision}"])
+    return load_config(plan["config"], [*plan["overrides"], f"output_dir={out}", *extra])
 
 
 def open_run(plan: dict[str, Any], out: Path, overrides: list[str]) -> tuple[Config, int | None]:
     """The config of a run in ``out`` that has no result yet, and the step it resumes from
-    (``None``: from the start). It resumes from the last
-    checkpoint there when the same configuration (precision included) wrote it, and starts
-    over, saying why, when another did. A run that finished training but was stopped while
-    being measured is finished again from its last checkpoint (its ``final`` folder is
-    removed, so that the trainer hands back a setup to measure)."""
+    (``None``: from the start). It resumes from the last checkpoint there when the same
+    configuration in the same precision wrote it (``auto`` picks bfloat16 on some kinds of CPU
+    only; the checkpoint records the one used), and starts over, saying why, when another did.
+    A run that finished training but was stopped while being measured is finished again from
+    its last checkpoint (its ``final`` folder is removed, so that the trainer hands back a
+    setup to measure)."""
     config = config_for(plan, out, *overrides)
     try:
         checkpoint = TR.check_output_dir(config)

@@ -269,13 +269,3 @@ def test_a_stopped_run_resumes_where_it_was_and_a_changed_one_starts_over(
     assert calls == []
     check(summary)
     assert json.loads((tmp_path / "b.json").read_text())["kl"] == summary["kl"]
-
-
-def test_a_runs_precision_is_pinned_to_what_auto_picks_here(compare, tmp_path):
-    from taid.hardware import resolve_precision
-
-    plan = compare["load_plan"](ROOT / "experiments" / "compare.yaml", True)
-    auto = {**plan, "overrides": [*plan["overrides"], "train.mixed_precision=auto"]}
-    config = compare["config_for"](auto, tmp_path)
-    assert config.train.mixed_precision == resolve_precision("auto") != "auto"
-    assert compare["config_for"](plan, tmp_path).train.mixed_precision == "no"

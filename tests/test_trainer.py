@@ -212,6 +212,30 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     )
 
 
+def test_a_checkpoint_is_not_resumed_in_another_precision(tmp_path, monkeypatch):
+    from taid import hardware as H
+
+    def machine(auto):  # what `auto` resolves to on this kind of machine
+        monkeypatch.setattr(H, "resolve_precision", lambda r, **kw: auto if r == "auto" else r)
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    machine("no")
+    auto = ("train.max_steps=2", "train.mixed_precision=auto")
+    T.train(smoke(tmp_path, *auto, "train.save_every=1", "log.plot=false"))
+    assert T.check_output_dir(smoke(tmp_path, *auto)) is not None  # the same kind of machine
+    named = smoke(tmp_path, "train.max_steps=2", "train.mixed_precision=no")
+    assert T.check_output_dir(named) is not None  # the same precision, named
+    machine("bf16")  # another kind: `auto` would finish the run in bfloat16
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: saved 'no', now 'bf16'"):
+        T.check_output_dir(smoke(tmp_path, *auto))
+    # a checkpoint written before the precision was recorded (it says `auto`) still resumes
+    last = T.checkpoints(tmp_path / "run")[-1]
+    manifest = json.loads((last / "checkpoint.json").read_text())
+    manifest["run"]["config"]["train"]["mixed_precision"] = "auto"
+    monkeypatch.setattr(T.CK, "manifest_of", lambda path: manifest)
+    T._check_same_run(last, smoke(tmp_path, *auto))
+
+
 def test_corrupt_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
     config = smoke(
         tmp_path,

@@ -79,19 +79,31 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 def run_identity(config: Config) -> dict[str, Any]:
     """What a checkpoint records of its run, compared on resume: the config without the keys
-    that do not change the result (:data:`_IGNORED_CONFIG_KEYS`)."""
+    that do not change the result (:data:`_IGNORED_CONFIG_KEYS`), with
+    ``train.mixed_precision`` the precision the run uses (``auto`` names none: a run begun in
+    bfloat16 on one kind of CPU must not be finished in float32 on another)."""
     out = json.loads(json.dumps(to_dict(config)))
     for path in _IGNORED_CONFIG_KEYS:
         node = out
         for part in path[:-1]:
             node = node.get(part, {})
         node.pop(path[-1], None)
+    out["train"]["mixed_precision"] = _used_precision(config)
     return {"config": out}
+
+
+def _used_precision(config: Config) -> str:
+    """The autocast precision a run uses: :func:`run_precision`, or under ``accelerate
+    launch`` with ``auto`` the launch config's."""
+    return run_precision(config) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def _check_same_run(checkpoint: Path, config: Config) -> None:
     saved = CK.manifest_of(checkpoint).get("run", {}).get("config")
     now = run_identity(config)["config"]
+    train = (saved or {}).get("train", {})
+    if train.get("mixed_precision") == "auto":  # written before the precision was recorded
+        train["mixed_precision"] = now["train"]["mixed_precision"]
     if saved != now:
         raise ConfigError(
             f"checkpoint {checkpoint} was written by a run with a different config "
