@@ -20,6 +20,7 @@ around the tables survives a rerun; figures go beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,6 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from taid import checkpoint as CK
 from taid import data as D
 from taid import models as M
 from taid import trainer as TR
-from taid.config import Config, ConfigError, load_config
+from taid.config import Config, ConfigError, load_config, to_dict
 from taid.hardware import describe_device
 
 HERE = Path(__file__).resolve().parent
@@ -258,6 +258,11 @@ def run_one(
     history = TR.read_metrics(out / "metrics.jsonl")
     summary = {
         "overrides": overrides,
+        # what the overrides resolved to: the loss and its parameters, and the student data
+        "loss": to_dict(config)["loss"],
+        "student_data": dataclasses.asdict(config.student_data)
+        if config.student_data.enabled()
+        else None,
         "machine": describe_device(),
         "precision": s.accelerator.mixed_precision,  # what train.mixed_precision=auto chose
         "wall_s": train_s,  # this call's: a resumed run's is its last part only
@@ -402,11 +407,13 @@ def write_teacher_cache(
 
 def loss_overrides(method: list[str]) -> list[str]:
     """A method's loss settings replace the config's loss section (whose parameters belong to
-    its own loss)."""
+    its own loss); a recipe (``recipe=gkd``) replaces it itself."""
+    if any(o.startswith("recipe=") for o in method):
+        return list(method)
     return ["loss={}", *method]
 
 
-@dataclass
+@dataclasses.dataclass
 class Selection:
     """Which runs this invocation may train, in the order of ``methods`` (within a seed); the
     others are only read if their result exists (``report_only``: none is trained)."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import runpy
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +18,40 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def compare():
     return runpy.run_path(str(ROOT / "experiments" / "compare.py"))
+
+
+def planned_loss(method: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loss keys and student-data keys a method's overrides set, a recipe's expanded."""
+    from taid.recipes import RECIPES
+
+    items = []
+    for o in method:
+        key, value = o.split("=", 1)
+        items += RECIPES[value] if key == "recipe" else [o]
+    loss: dict[str, Any] = {}
+    student_data: dict[str, Any] = {}
+    for o in items:
+        key, value = o.split("=", 1)
+        section, name = key.split(".", 1)
+        {"loss": loss, "student_data": student_data}[section][name] = yaml.safe_load(value)
+    return loss, student_data
+
+
+def test_a_recipe_method_trains_the_recipes_loss(compare):
+    """A recipe sets the loss section itself: the comparison must not clear it afterwards
+    (it did: gkd trained the config's default loss, TAID, on student generations)."""
+    from taid.config import load_config
+
+    plan = compare["load_plan"](ROOT / "experiments" / "compare.yaml", False)
+    for method in ("gkd", "distillm"):
+        overrides = compare["loss_overrides"](plan["methods"][method])
+        config = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+        loss, student_data = planned_loss(plan["methods"][method])
+        assert config.loss.name == loss["name"] != "taid"
+        assert {k: config.loss.params[k] for k in loss if k != "name"} == {
+            k: v for k, v in loss.items() if k != "name"
+        }
+        assert all(getattr(config.student_data, k) == v for k, v in student_data.items())
 
 
 @pytest.mark.slow
@@ -34,6 +70,12 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
         assert 0 < summary["step_s"] <= summary["wall_s"]
         assert summary["repeated_4grams"] is None or 0 <= summary["repeated_4grams"] < 1
         assert [p["step"] for p in summary["eval_curve"]] == [0, 2, 3]
+        # the loss that trained is the method's, with its parameters (a recipe's included)
+        loss, student_data = planned_loss(plan["methods"][method])
+        assert {k: summary["loss"][k] for k in loss} == loss, method
+        assert summary["student_data"] == (
+            None if not student_data else {**summary["student_data"], **student_data}
+        ), method
         # the result file, kept apart from the (ignored) run folder
         saved = tmp_path / "runs" / "results" / "main" / method / "seed0.json"
         assert json.loads(saved.read_text())["kl"] == summary["kl"]

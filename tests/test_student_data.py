@@ -123,6 +123,10 @@ def test_recipes_set_the_loss_and_student_data_sections():
     assert distillm.student_data.adaptive and distillm.student_data.replay_size == 1000
     with pytest.raises(ConfigError, match="did you mean 'gkd'"):
         load_config(SMOKE, ["recipe=gdk"])
+    # a whole section the recipe sets would silently undo it (the loss back to the default)
+    for section in ("loss={}", "student_data={fraction: 0.2}"):
+        with pytest.raises(ConfigError, match="replaces the whole .* section, which recipe 'gkd'"):
+            load_config(SMOKE, [section, "recipe=gkd"])
 
 
 @pytest.mark.slow

@@ -464,12 +464,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _apply_recipe(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Replace the sections a recipe sets with the recipe's, then apply the command line's
-    overrides again so that they win."""
+    overrides again so that they win: single keys only (``loss.beta=0.2``); an override of a
+    whole section the recipe sets (``loss={}``) would silently discard the recipe's choice of
+    loss, so it is refused."""
     from taid.recipes import RECIPES, SECTIONS
 
     name = raw["recipe"]
     if name not in RECIPES:
         raise ConfigError(f"recipe {name!r} is not a recipe" + _closest(str(name), list(RECIPES)))
+    for item in overrides:
+        path, _ = _parse_override(item)
+        if len(path) == 1 and path[0] in SECTIONS:
+            raise ConfigError(
+                f"override {item!r} replaces the whole {path[0]} section, which recipe "
+                f"{name!r} sets ({', '.join(RECIPES[name])}); change single keys instead "
+                f"({path[0]}.<key>=value), or leave out the recipe"
+            )
     for section in SECTIONS:
         raw[section] = {}
     raw = apply_overrides(raw, list(RECIPES[name]))
