@@ -20,7 +20,6 @@ around the tables survives a rerun; figures go beside it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,13 +256,12 @@ def run_one(
     train_s = time.perf_counter() - start
     s = result["setup"]
     history = TR.read_metrics(out / "metrics.jsonl")
+    resolved = to_dict(config)
     summary = {
         "overrides": overrides,
         # what the overrides resolved to: the loss and its parameters, and the student data
-        "loss": to_dict(config)["loss"],
-        "student_data": dataclasses.asdict(config.student_data)
-        if config.student_data.enabled()
-        else None,
+        "loss": resolved["loss"],
+        "student_data": resolved["student_data"] if config.student_data.enabled() else None,
         "machine": describe_device(),
         "precision": s.accelerator.mixed_precision,  # what train.mixed_precision=auto chose
         "wall_s": train_s,  # this call's: a resumed run's is its last part only
@@ -413,7 +412,7 @@ def loss_overrides(method: list[str]) -> list[str]:
     return ["loss={}", *method]
 
 
-@dataclasses.dataclass
+@dataclass
 class Selection:
     """Which runs this invocation may train, in the order of ``methods`` (within a seed); the
     others are only read if their result exists (``report_only``: none is trained)."""
