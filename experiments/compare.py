@@ -506,10 +506,11 @@ def _capacity_runs(
 
 
 def capacity(
-    plan: dict[str, Any], out: Path, sel: Selection
+    plan: dict[str, Any], out: Path, sel: Selection, base_ppl: float | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One fixed student distilled from teachers of several sizes; returns a row per teacher
-    and the runs still missing."""
+    and the runs still missing. ``base_ppl``: the base teacher's held-out perplexity as the
+    main comparison measured it, for its row while none of its students has finished."""
     cap = plan["capacity"]
     root = out / "capacity"
     results = plan["results"] / "capacity"
@@ -560,9 +561,31 @@ def capacity(
                 fresh=sel.fresh,
             )
             row["students"].setdefault(method, []).append(summary)
-            row["teacher_ppl"] = summary["teacher_ppl"]
+        healed = results / "teachers" / f"{name}.json"
+        row["teacher_ppl"] = capacity_teacher_ppl(
+            row, json.loads(healed.read_text()) if healed.is_file() else None, base_ppl
+        )
         rows.append(row)
     return rows, missing
+
+
+def teacher_ppl_of(summaries: list[dict[str, Any]]) -> float | None:
+    """The teacher's held-out perplexity as its students' evaluations measured it (the same
+    held-out responses as theirs), or None while no student has finished."""
+    return next((s["teacher_ppl"] for s in summaries if s.get("teacher_ppl")), None)
+
+
+def capacity_teacher_ppl(
+    row: dict[str, Any], healed: dict[str, Any] | None, base_ppl: float | None
+) -> float | None:
+    """A capacity teacher's held-out perplexity: from its students' evaluations when one has
+    finished; before that, a healed teacher's from its healing run's evaluation (``healed``,
+    its result: the same held-out responses, the healed model as the student) and the base
+    teacher's from the main comparison (``base_ppl``)."""
+    measured = teacher_ppl_of([s for runs in row["students"].values() for s in runs])
+    if measured is not None:
+        return measured
+    return healed["ppl"] if healed is not None else base_ppl
 
 
 def capacity_teacher(
@@ -939,7 +962,7 @@ def metrics_table(
             f"{_ms([s['tail_mass'] for s in summaries], 2, 1e7)} | "
             f"{_ms([s.get('step_s') for s in summaries], 1, 1 / 60)} |"
         )
-    teacher_ppl = next((r["teacher_ppl"] for r in results if r.get("teacher_ppl")), None)
+    teacher_ppl = teacher_ppl_of(results)
     if teacher is not None and teacher_ppl is not None:
         lines.append(
             f"| teacher | | 0 | {teacher_ppl:.2f} | {teacher.get('teacher_nll', float('nan')):.3f}"
@@ -995,16 +1018,17 @@ def paired_cell(c: dict[str, Any] | None, lower: bool, digits: int) -> str:
 
 
 def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
+    """The capacity ladder's table: a row per teacher (its size and quality), a column per
+    method with a finished student run; the figure only once one has finished."""
     methods = sorted({m for row in cap for m in row["students"]})
+    header = ["teacher", "parameters", "layers", "teacher ppl", "teacher ROUGE-L", *methods]
     lines = [
         "Capacity gap: one fixed student, teachers of different quality; the student's "
         "held-out KL to its own teacher / that teacher's NLL of the student's answers, "
         "mean ± standard deviation over seeds.",
         "",
-        "| teacher | parameters | layers | teacher ppl | teacher ROUGE-L | "
-        + " | ".join(methods)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(methods),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     notes: list[str] = []
     for row in cap:
@@ -1021,13 +1045,24 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
                 "the teacher (healed again on another machine); the row mixes them."
             )
         lines.append(
-            f"| {row['teacher']} | {row['params'] / 1e6:.1f} M | {row['layers']} | "
-            f"{'n/a' if ppl is None else f'{ppl:.2f}'} | {row['rougeL']:.1f} | "
-            + " | ".join(cells)
+            "| "
+            + " | ".join(
+                [
+                    row["teacher"],
+                    f"{row['params'] / 1e6:.1f} M",
+                    str(row["layers"]),
+                    "n/a" if ppl is None else f"{ppl:.2f}",
+                    f"{row['rougeL']:.1f}",
+                    *cells,
+                ]
+            )
             + " |"
         )
+    if not methods:
+        notes.append("No student run of the ladder has finished yet.")
     notes = [*notes, ""] if notes else []
-    return lines + ["", *notes, f"![capacity gap]({relative}/capacity.png)", ""]
+    figure = [f"![capacity gap]({relative}/capacity.png)", ""] if methods else []
+    return lines + ["", *notes, *figure]
 
 
 def teacher_copies(row: dict[str, Any]) -> int:
@@ -1103,7 +1138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     cap: list[dict[str, Any]] = []
     if not args.no_capacity and plan.get("capacity"):
-        cap, more = capacity(plan, out, sel)
+        main_results = [s for summaries in runs.values() for s in summaries]
+        cap, more = capacity(plan, out, sel, teacher_ppl_of(main_results))
         missing += more
 
     if any(runs.values()):

@@ -311,3 +311,44 @@ def test_a_stopped_run_resumes_where_it_was_and_a_changed_one_starts_over(
     assert calls == []
     check(summary)
     assert json.loads((tmp_path / "b.json").read_text())["kl"] == summary["kl"]
+
+
+def test_the_capacity_table_of_teachers_without_students_is_whole_and_has_no_figure(compare):
+    """Teachers healed, no student finished: every row has as many cells as the header, the
+    teachers' perplexities come from their own measurements, and no figure is linked."""
+    healed = {"teacher": "t10", "params": 6e7, "layers": 10, "rougeL": 22.2, "students": {}}
+    base = {"teacher": "t30", "params": 1.3e8, "layers": 30, "rougeL": 100.0, "students": {}}
+    healed["teacher_ppl"] = compare["capacity_teacher_ppl"](healed, {"ppl": 9.98}, 2.25)
+    base["teacher_ppl"] = compare["capacity_teacher_ppl"](base, None, 2.25)
+    lines = compare["capacity_section"]([healed, base], "fig")
+    table = [line for line in lines if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table
+    assert "| t10 | 60.0 M | 10 | 9.98 | 22.2 |" in table
+    assert "| t30 | 130.0 M | 30 | 2.25 | 100.0 |" in table
+    assert not any("capacity.png" in line for line in lines)
+    assert "No student run of the ladder has finished yet." in lines
+
+
+def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finished(compare):
+    row = {"students": {"fkl": [{"teacher_ppl": 10.1}], "taid": [{"teacher_ppl": 10.1}]}}
+    assert compare["capacity_teacher_ppl"](row, {"ppl": 9.98}, 2.25) == 10.1
+    assert compare["capacity_teacher_ppl"]({"students": {}}, None, None) is None
+    lines = compare["capacity_section"](
+        [
+            {
+                "teacher": "t10",
+                "params": 6e7,
+                "layers": 10,
+                "rougeL": 22.2,
+                "teacher_ppl": 10.1,
+                "students": {"fkl": [{"kl": 1.5, "teacher_nll": 0.8}]},
+            },
+            {"teacher": "t20", "params": 9e7, "layers": 20, "rougeL": 40.0, "students": {}},
+        ],
+        "fig",
+    )
+    table = [line for line in lines if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table
+    assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 1.500 / 0.800 |" in table
+    assert "| t20 | 90.0 M | 20 | n/a | 40.0 | n/a / n/a |" in table
+    assert "![capacity gap](fig/capacity.png)" in lines
