@@ -211,10 +211,13 @@ _SCORERS: dict[str, Any] = {}
 
 
 def scoring_teacher(config: Config) -> Any:
-    """The teacher that scores a run's answers, loaded once per process and teacher."""
+    """The teacher that scores a run's answers, loaded once per process and teacher; two kept
+    at a time (a capacity run is scored by its own teacher and by the base teacher, the
+    ladder visits its teachers in turn)."""
     key = json.dumps([config.teacher.name_or_path, config.teacher.architecture, config.seed])
     if key not in _SCORERS:
-        _SCORERS.clear()  # one at a time: the capacity ladder visits its teachers in turn
+        if len(_SCORERS) >= 2:
+            del _SCORERS[next(iter(_SCORERS))]  # the oldest
         _SCORERS[key] = load_teacher(config)
     return _SCORERS[key]
 
@@ -244,10 +247,12 @@ def run_one(
     *,
     keep_final: bool = False,
     fresh: bool = False,
+    judge: Config | None = None,
 ) -> dict[str, Any]:
     """Train one configuration and measure it, or read its result file if it exists (a
     finished run is never redone unless ``fresh``). An interrupted run resumes from its last
-    checkpoint in ``out``."""
+    checkpoint in ``out``. ``judge``: a configuration whose teacher also scores the answers
+    (``judge_nll``), one yardstick for students of different teachers."""
     if result_path.is_file() and not fresh:
         return json.loads(result_path.read_text())
     config, resumed_at = open_run(plan, out, overrides)
@@ -272,7 +277,7 @@ def run_one(
         "ppl": result["after"]["eval/student_ppl"],
         "teacher_ppl": result["after"].get("eval/teacher_ppl"),
         "teacher_weights_sha256": teacher_digest(s),
-        **generation_metrics(plan, config, s),
+        **generation_metrics(plan, config, s, judge),
         **probability_mass(s),
         **curves(history),
     }
@@ -294,15 +299,20 @@ def teacher_digest(s: TR.Setup) -> str | None:
     return None if s.cache is None else s.cache.manifest.get("teacher_weights_sha256")
 
 
-def generation_metrics(plan: dict[str, Any], config: Config, s: TR.Setup) -> dict[str, Any]:
+def generation_metrics(
+    plan: dict[str, Any], config: Config, s: TR.Setup, judge: Config | None = None
+) -> dict[str, Any]:
     """ROUGE-L of the student's greedy answers to the held-out prompts against the references,
-    and the teacher's NLL of those answers."""
+    the teacher's NLL of those answers, and with ``judge`` the NLL its teacher gives them."""
     gen = plan["generation"]
     prompts, refs = prompts_and_references(s.eval_examples, s.tokenizer, gen["prompts"])
     student = s.accelerator.unwrap_model(s.student)
     answers, answer_ids = greedy_answers(student, s.tokenizer, prompts, gen["max_new_tokens"])
     teacher = s.teacher if s.teacher is not None else scoring_teacher(config)
-    return {**answer_scores(teacher, prompts, answers, answer_ids, refs), "answers": answers[:3]}
+    scores = answer_scores(teacher, prompts, answers, answer_ids, refs)
+    if judge is not None:
+        scores["judge_nll"] = teacher_nll(scoring_teacher(judge), prompts, answer_ids)
+    return {**scores, "answers": answers[:3]}
 
 
 def answer_scores(
@@ -559,6 +569,7 @@ def capacity(
                 ],
                 path,
                 fresh=sel.fresh,
+                judge=config_for(plan, root / "unused", f"seed={seed}"),  # the base teacher
             )
             row["students"].setdefault(method, []).append(summary)
         healed = results / "teachers" / f"{name}.json"
@@ -688,30 +699,45 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+CAPACITY_PANELS = (
+    ("ppl", "student held-out perplexity"),
+    ("judge_nll", "base teacher's NLL of its answers"),
+    ("kl", "KL(own teacher || student)"),
+)
+
+
 def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
-    """Student held-out KL and teacher NLL of its answers against the teacher's held-out
-    perplexity, mean and standard deviation over seeds."""
+    """The student's held-out perplexity, the base teacher's NLL of its answers and its KL to
+    its own teacher against the teacher's held-out perplexity, mean and standard deviation
+    over seeds (results without a panel's measure are left out of it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, len(CAPACITY_PANELS), figsize=(13, 3.4))
     methods = sorted({m for r in rows for m in r["students"]})
     for method in methods:
-        have = [r for r in rows if r["students"].get(method)]
-        x = [r["teacher_ppl"] for r in have]
-        for ax, key in zip(axes, ("kl", "teacher_nll")):
-            stats = [_stats([s[key] for s in r["students"][method]]) for r in have]
+        for ax, (key, _) in zip(axes, CAPACITY_PANELS):
+            points = [
+                (r["teacher_ppl"], _stats(values))
+                for r in rows
+                if (
+                    values := [
+                        s[key] for s in r["students"].get(method, []) if s.get(key) is not None
+                    ]
+                )
+            ]
             ax.errorbar(
-                x,
-                [m for m, _ in stats],
-                yerr=[d for _, d in stats],
+                [x for x, _ in points],
+                [m for _, (m, _) in points],
+                yerr=[d for _, (_, d) in points],
                 marker="o",
                 capsize=3,
                 label=method,
             )
-    for ax, label in zip(axes, ("student KL(teacher || student)", "its teacher's NLL of answers")):
+    for ax, (_, label) in zip(axes, CAPACITY_PANELS):
+        ax.set_xscale("log")
         ax.set_xlabel("teacher held-out perplexity (lower: stronger teacher)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -1023,9 +1049,13 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
     methods = sorted({m for row in cap for m in row["students"]})
     header = ["teacher", "parameters", "layers", "teacher ppl", "teacher ROUGE-L", *methods]
     lines = [
-        "Capacity gap: one fixed student, teachers of different quality; the student's "
-        "held-out KL to its own teacher / that teacher's NLL of the student's answers, "
-        "mean ± standard deviation over seeds.",
+        "Capacity gap: one fixed student, teachers of different quality. Each cell is the "
+        "student's held-out perplexity / the base teacher's NLL of its greedy answers, mean "
+        "± standard deviation over seeds: one yardstick for every teacher (the held-out "
+        "responses are the base teacher's, and it judges every student's answers), so a "
+        "column says whether a method's student gains from a stronger teacher. The figure "
+        "adds the student's KL to its own teacher (how closely it imitates the teacher it "
+        "had, which is not comparable across teachers).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -1033,8 +1063,8 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
     notes: list[str] = []
     for row in cap:
         cells = [
-            f"{_ms([s['kl'] for s in row['students'].get(m, [])], 3)} / "
-            f"{_ms([s.get('teacher_nll') for s in row['students'].get(m, [])], 3)}"
+            f"{_ms([s.get('ppl') for s in row['students'].get(m, [])], 2)} / "
+            f"{_ms([s.get('judge_nll') for s in row['students'].get(m, [])], 3)}"
             for m in methods
         ]
         ppl = row.get("teacher_ppl")

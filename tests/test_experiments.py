@@ -85,6 +85,14 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
     # each teacher's reference and students record the one copy of it they were made with
     for row in out["capacity"]:
         assert compare["teacher_copies"](row) == 1
+    # every student is also judged by the base teacher: the same judge on every rung, which
+    # on the base teacher's own rung is its teacher
+    healed, base = (
+        [s for runs in row["students"].values() for s in runs] for row in out["capacity"]
+    )
+    assert all(s["judge_nll"] > 0 for s in healed + base)
+    assert all(s["judge_nll"] == s["teacher_nll"] for s in base)
+    assert any(s["judge_nll"] != s["teacher_nll"] for s in healed)
     assert (
         out["capacity"][0]["teacher_weights_sha256"] != out["capacity"][1]["teacher_weights_sha256"]
     )
@@ -341,7 +349,7 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
                 "layers": 10,
                 "rougeL": 22.2,
                 "teacher_ppl": 10.1,
-                "students": {"fkl": [{"kl": 1.5, "teacher_nll": 0.8}]},
+                "students": {"fkl": [{"ppl": 12.5, "judge_nll": 0.8, "kl": 1.5}]},
             },
             {"teacher": "t20", "params": 9e7, "layers": 20, "rougeL": 40.0, "students": {}},
         ],
@@ -349,6 +357,6 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
     )
     table = [line for line in lines if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table
-    assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 1.500 / 0.800 |" in table
+    assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 12.50 / 0.800 |" in table
     assert "| t20 | 90.0 M | 20 | n/a | 40.0 | n/a / n/a |" in table
     assert "![capacity gap](fig/capacity.png)" in lines
