@@ -737,7 +737,6 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
                 label=method,
             )
     for ax, (_, label) in zip(axes, CAPACITY_PANELS):
-        ax.set_xscale("log")
         ax.set_xlabel("teacher held-out perplexity (lower: stronger teacher)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
