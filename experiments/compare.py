@@ -1049,10 +1049,12 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
     header = ["teacher", "parameters", "layers", "teacher ppl", "teacher ROUGE-L", *methods]
     lines = [
         "Capacity gap: one fixed student, teachers of different quality. Each cell is the "
-        "student's held-out perplexity / the base teacher's NLL of its greedy answers, mean "
-        "± standard deviation over seeds: one yardstick for every teacher (the held-out "
-        "responses are the base teacher's, and it judges every student's answers), so a "
-        "column says whether a method's student gains from a stronger teacher. The figure "
+        "student's held-out perplexity / the base teacher's NLL of its greedy answers / "
+        "their share of repeated 4-grams, mean ± standard deviation over seeds: one "
+        "yardstick for every teacher (the held-out responses are the base teacher's, and it "
+        "judges every student's answers; a loop lowers that NLL, hence the repetition "
+        "beside it), so a column says whether a method's student gains from a stronger "
+        "teacher. The figure "
         "adds the student's KL to its own teacher (how closely it imitates the teacher it "
         "had, which is not comparable across teachers).",
         "",
@@ -1062,8 +1064,10 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
     notes: list[str] = []
     for row in cap:
         cells = [
-            f"{_ms([s.get('ppl') for s in row['students'].get(m, [])], 2)} / "
-            f"{_ms([s.get('judge_nll') for s in row['students'].get(m, [])], 3)}"
+            " / ".join(
+                _ms([s.get(key) for s in row["students"].get(m, [])], digits)
+                for key, digits in (("ppl", 2), ("judge_nll", 3), ("repeated_4grams", 2))
+            )
             for m in methods
         ]
         ppl = row.get("teacher_ppl")

@@ -349,7 +349,9 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
                 "layers": 10,
                 "rougeL": 22.2,
                 "teacher_ppl": 10.1,
-                "students": {"fkl": [{"ppl": 12.5, "judge_nll": 0.8, "kl": 1.5}]},
+                "students": {
+                    "fkl": [{"ppl": 12.5, "judge_nll": 0.8, "repeated_4grams": 0.25, "kl": 1.5}]
+                },
             },
             {"teacher": "t20", "params": 9e7, "layers": 20, "rougeL": 40.0, "students": {}},
         ],
@@ -357,6 +359,6 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
     )
     table = [line for line in lines if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table
-    assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 12.50 / 0.800 |" in table
-    assert "| t20 | 90.0 M | 20 | n/a | 40.0 | n/a / n/a |" in table
+    assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 12.50 / 0.800 / 0.25 |" in table
+    assert "| t20 | 90.0 M | 20 | n/a | 40.0 | n/a / n/a / n/a |" in table
     assert "![capacity gap](fig/capacity.png)" in lines
