@@ -737,7 +737,8 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
                 label=method,
             )
     for ax, (_, label) in zip(axes, CAPACITY_PANELS):
-        ax.set_xlabel("teacher held-out perplexity (lower: stronger teacher)")
+        ax.invert_xaxis()  # the stronger teacher to the right, as the paper draws its ladder
+        ax.set_xlabel("teacher held-out perplexity (stronger teacher to the right)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.tight_layout()
