@@ -533,6 +533,8 @@ def capacity(
         "student.architecture=null",
         "student.layers=null",
     ]
+    # the base teacher judges every rung's answers: one configuration per seed, not per run
+    judges = {seed: config_for(plan, root / "unused", f"seed={seed}") for seed in cap["seeds"]}
     rows, missing = [], []
     for spec in cap["teachers"]:
         name = spec["name"]
@@ -569,7 +571,7 @@ def capacity(
                 ],
                 path,
                 fresh=sel.fresh,
-                judge=config_for(plan, root / "unused", f"seed={seed}"),  # the base teacher
+                judge=judges[seed],
             )
             row["students"].setdefault(method, []).append(summary)
         healed = results / "teachers" / f"{name}.json"
