@@ -573,7 +573,7 @@ def capacity(
                 fresh=sel.fresh,
                 judge=judges[seed],
             )
-            row["students"].setdefault(method, []).append(summary)
+            row["students"].setdefault(method, []).append({**summary, "seed": seed})
         healed = results / "teachers" / f"{name}.json"
         row["teacher_ppl"] = capacity_teacher_ppl(
             row, json.loads(healed.read_text()) if healed.is_file() else None, base_ppl
@@ -592,13 +592,26 @@ def capacity_teacher_ppl(
     row: dict[str, Any], healed: dict[str, Any] | None, base_ppl: float | None
 ) -> float | None:
     """A capacity teacher's held-out perplexity: from its students' evaluations when one has
-    finished; before that, a healed teacher's from its healing run's evaluation (``healed``,
-    its result: the same held-out responses, the healed model as the student) and the base
-    teacher's from the main comparison (``base_ppl``)."""
-    measured = teacher_ppl_of([s for runs in row["students"].values() for s in runs])
-    if measured is not None:
-        return measured
+    finished (the mean over copies of the teacher, if it was healed more than once); before
+    that, a healed teacher's from its healing run's evaluation (``healed``, its result: the
+    same held-out responses, the healed model as the student) and the base teacher's from the
+    main comparison (``base_ppl``)."""
+    measured = teacher_ppls(row)
+    if measured:
+        return statistics.fmean(measured)
     return healed["ppl"] if healed is not None else base_ppl
+
+
+def teacher_ppls(row: dict[str, Any]) -> list[float]:
+    """A capacity teacher's held-out perplexity as its students measured it, one value per
+    copy of the teacher (by weight digest: a teacher healed again on another machine is
+    another copy), in the order its students list them."""
+    by_copy: dict[str | None, float] = {}
+    for runs in row["students"].values():
+        for s in runs:
+            if s.get("teacher_ppl"):
+                by_copy.setdefault(s.get("teacher_weights_sha256"), s["teacher_ppl"])
+    return list(by_copy.values())
 
 
 def capacity_teacher(
@@ -700,6 +713,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+
+#: The capacity ladder's yardstick, the same for every teacher: key, label, lower is better,
+#: digits (the held-out responses and the judge are the base teacher's).
+LADDER_METRICS = [
+    ("ppl", "perplexity", True, 2),
+    ("judge_nll", "base teacher's NLL", True, 3),
+]
 
 CAPACITY_PANELS = (
     ("ppl", "student held-out perplexity"),
@@ -848,17 +868,23 @@ METRICS = [
 ]
 
 
-def paired(runs: dict[str, list[dict]], treatment: str, baseline: str) -> dict[str, Any]:
-    """Per metric, the differences ``treatment - baseline`` over the seeds both have: mean,
-    standard deviation, and how many seeds favour each side. A seed whose two runs trained in
-    different precisions (``auto`` on different kinds of CPU) is left out and counted: the
-    precision alone moves the metrics by about as much as some methods differ."""
+def paired(
+    runs: dict[str, list[dict]],
+    treatment: str,
+    baseline: str,
+    metrics: list[tuple[str, str, bool, int]] = METRICS,
+) -> dict[str, Any]:
+    """Per metric (``metrics``: key, label, lower is better, digits), the differences
+    ``treatment - baseline`` over the seeds both have: mean, standard deviation, and how many
+    seeds favour each side. A seed whose two runs trained in different precisions (``auto`` on
+    different kinds of CPU) is left out and counted: the precision alone moves the metrics by
+    about as much as some methods differ."""
     a = {r["seed"]: r for r in runs.get(treatment, [])}
     b = {r["seed"]: r for r in runs.get(baseline, [])}
     both = sorted(set(a) & set(b))
     seeds = [k for k in both if a[k].get("precision") == b[k].get("precision")]
     out: dict[str, Any] = {"seeds": len(seeds), "precision_differs": len(both) - len(seeds)}
-    for key, _, lower, _ in METRICS:
+    for key, _, lower, _ in metrics:
         diffs = [
             a[k][key] - b[k][key]
             for k in seeds
@@ -874,14 +900,18 @@ def paired(runs: dict[str, list[dict]], treatment: str, baseline: str) -> dict[s
     return out
 
 
-def verdict(cell: dict[str, Any], lower: bool) -> str:
+#: How a paired difference reads when it favours the treatment, and when the baseline.
+TAID_SIDES = ("TAID better", "TAID worse")
+
+
+def verdict(cell: dict[str, Any], lower: bool, sides: tuple[str, str] = TAID_SIDES) -> str:
     """``no difference`` when the mean difference is not larger than its spread (or one seed
-    only); else which side the seeds favour."""
+    only); else which side the seeds favour, named by ``sides`` (treatment's, baseline's)."""
     if cell["n"] < 2:
         return "one seed"
     if abs(cell["mean"]) <= cell["sd"]:
         return "no difference"
-    return "TAID better" if (cell["mean"] < 0) == lower else "TAID worse"
+    return sides[0] if (cell["mean"] < 0) == lower else sides[1]
 
 
 def report(
@@ -1023,16 +1053,14 @@ def paired_section(plan: dict[str, Any], runs: dict[str, list[dict]]) -> list[st
                 continue
             p = paired(runs, treatment, baseline)
             cells = [paired_cell(p.get(key), lower, digits) for key, _, lower, digits in METRICS]
-            left_out = p["precision_differs"]
-            seeds = f"{p['seeds']}" + (
-                f" ({left_out} left out: precisions differ)" if left_out else ""
-            )
-            lines.append(f"| {baseline} | {seeds} | " + " | ".join(cells) + " |")
+            lines.append(f"| {baseline} | {seeds_cell(p)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
-def paired_cell(c: dict[str, Any] | None, lower: bool, digits: int) -> str:
+def paired_cell(
+    c: dict[str, Any] | None, lower: bool, digits: int, sides: tuple[str, str] = TAID_SIDES
+) -> str:
     """One metric's paired difference: ``mean ± sd, k:m, reading``; for one seed only the
     difference (no spread, no count to read)."""
     if c is None:
@@ -1041,7 +1069,7 @@ def paired_cell(c: dict[str, Any] | None, lower: bool, digits: int) -> str:
         return f"{c['mean']:+.{digits}f}, one seed"
     return (
         f"{c['mean']:+.{digits}f} ± {c['sd']:.{digits}f}, "
-        f"{c['treatment']}:{c['baseline']}, {verdict(c, lower)}"
+        f"{c['treatment']}:{c['baseline']}, {verdict(c, lower, sides)}"
     )
 
 
@@ -1069,16 +1097,17 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
         cells = [
             " / ".join(
                 _ms([s.get(key) for s in row["students"].get(m, [])], digits)
-                for key, digits in (("ppl", 2), ("judge_nll", 3), ("repeated_4grams", 2))
+                for key, digits in [(k, d) for k, _, _, d in LADDER_METRICS]
+                + [("repeated_4grams", 2)]
             )
             for m in methods
         ]
-        ppl = row.get("teacher_ppl")
         copies = teacher_copies(row)
         if copies > 1:
             notes.append(
                 f"{row['teacher']}: its students and reference come from {copies} copies of "
-                "the teacher (healed again on another machine); the row mixes them."
+                "the teacher (healed again on another machine); the row mixes them (its "
+                "perplexity: one per copy)."
             )
         lines.append(
             "| "
@@ -1087,7 +1116,7 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
                     row["teacher"],
                     f"{row['params'] / 1e6:.1f} M",
                     str(row["layers"]),
-                    "n/a" if ppl is None else f"{ppl:.2f}",
+                    teacher_ppl_cell(row),
                     f"{row['rougeL']:.1f}",
                     *cells,
                 ]
@@ -1098,7 +1127,61 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
         notes.append("No student run of the ladder has finished yet.")
     notes = [*notes, ""] if notes else []
     figure = [f"![capacity gap]({relative}/capacity.png)", ""] if methods else []
-    return lines + ["", *notes, *figure]
+    return lines + ["", *notes, *capacity_gain_section(cap), *figure]
+
+
+def teacher_ppl_cell(row: dict[str, Any]) -> str:
+    """A capacity teacher's perplexity; one per copy when the row mixes copies of it."""
+    per_copy = teacher_ppls(row)
+    if len(per_copy) > 1:
+        return " / ".join(f"{ppl:.2f}" for ppl in per_copy)
+    ppl = row.get("teacher_ppl")
+    return "n/a" if ppl is None else f"{ppl:.2f}"
+
+
+def capacity_gain_section(cap: list[dict[str, Any]]) -> list[str]:
+    """Whether each method's student gains from a stronger teacher, the paper's capacity
+    claim: per seed, its measure with the ladder's strongest teacher (lowest perplexity)
+    minus with its weakest (the same seed: the same data order and start), paired and read
+    as the main comparison's differences are. Empty until both ends have a student."""
+    rungs = sorted(
+        (r for r in cap if r.get("teacher_ppl") is not None),
+        key=lambda r: r["teacher_ppl"],
+        reverse=True,
+    )
+    if len(rungs) < 2:
+        return []
+    weak, strong = rungs[0]["students"], rungs[-1]["students"]
+    methods = [m for m in sorted(strong) if weak.get(m)]
+    if not methods:
+        return []
+    lines = [
+        f"Gain from the stronger teacher: per seed, the student's measure with "
+        f"{rungs[-1]['teacher']} minus with {rungs[0]['teacher']} (negative: the stronger "
+        "teacher's student is better), mean ± standard deviation, seeds that gained : seeds "
+        "that lost, then the reading (a change not larger than its spread is called no "
+        "difference).",
+        "",
+        "| method | seeds | " + " | ".join(label for _, label, _, _ in LADDER_METRICS) + " |",
+        "|---|---|" + "---|" * len(LADDER_METRICS),
+    ]
+    for method in methods:
+        p = paired(
+            {"strong": strong[method], "weak": weak[method]}, "strong", "weak", LADDER_METRICS
+        )
+        cells = [
+            paired_cell(p.get(key), lower, digits, ("gains", "loses"))
+            for key, _, lower, digits in LADDER_METRICS
+        ]
+        lines.append(f"| {method} | {seeds_cell(p)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def seeds_cell(p: dict[str, Any]) -> str:
+    """How many seeds a paired difference has, and how many were left out (precisions
+    differ)."""
+    left_out = p["precision_differs"]
+    return f"{p['seeds']}" + (f" ({left_out} left out: precisions differ)" if left_out else "")
 
 
 def teacher_copies(row: dict[str, Any]) -> int:

@@ -362,3 +362,78 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
     assert "| t10 | 60.0 M | 10 | 10.10 | 22.2 | 12.50 / 0.800 / 0.25 |" in table
     assert "| t20 | 90.0 M | 20 | n/a | 40.0 | n/a / n/a / n/a |" in table
     assert "![capacity gap](fig/capacity.png)" in lines
+
+
+def test_the_ladder_reads_each_methods_gain_from_the_stronger_teacher(compare):
+    """Per seed, the student's measure with the strongest teacher minus with the weakest (found
+    by the teachers' perplexity, not by the order of the rows), read as the paired table is."""
+
+    def students(ppls, nll=0.9):
+        return [{"seed": k, "ppl": p, "judge_nll": nll} for k, p in enumerate(ppls)]
+
+    def rung(name, ppl, runs):
+        return {
+            "teacher": name,
+            "params": 1e8,
+            "layers": 10,
+            "rougeL": 30.0,
+            "teacher_ppl": ppl,
+            "students": runs,
+        }
+
+    ladder = [
+        rung("t20", 4.0, {"fkl": students([29, 30, 28.5])}),
+        rung(
+            "t30",
+            2.25,
+            {
+                "fkl": students([28.5, 29.5, 28]),
+                "skl": students([140, 150]),
+                "taid": students([30, 29, 31], nll=0.8),
+            },
+        ),
+        rung(
+            "t10",
+            10.0,
+            {
+                "fkl": students([30, 31, 29]),
+                "skl": students([50, 52]),
+                "taid": students([29, 30, 30], nll=0.95),
+                "akl": students([33]),
+            },
+        ),
+    ]
+    lines = compare["capacity_gain_section"](ladder)
+    assert lines[0].startswith(
+        "Gain from the stronger teacher: per seed, the student's measure with t30 minus with t10"
+    )
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert set(rows) == {"method", "fkl", "skl", "taid"}  # akl: no student with t30
+    fkl = "| fkl | 3 | -1.33 ± 0.29, 3:0, gains | +0.000 ± 0.000, 0:0, no difference |"
+    assert rows["fkl"] == fkl
+    assert rows["skl"].startswith("| skl | 2 | +94.00 ± 5.66, 0:2, loses |")
+    assert rows["taid"].startswith("| taid | 3 | +0.33 ± 1.15, 1:2, no difference |")
+    assert rows["taid"].endswith("| -0.150 ± 0.000, 3:0, gains |")
+    assert compare["capacity_gain_section"](ladder[:1]) == []  # one teacher: nothing to read
+    # the whole section carries it after the table
+    assert lines[0] in compare["capacity_section"](ladder, "fig")
+
+
+def test_a_teacher_healed_twice_shows_each_copys_perplexity(compare):
+    row = {
+        "teacher": "t20",
+        "params": 9e7,
+        "layers": 20,
+        "rougeL": 27.8,
+        "students": {
+            "fkl": [
+                {"teacher_ppl": 4.02, "teacher_weights_sha256": "a", "ppl": 28.7},
+                {"teacher_ppl": 4.10, "teacher_weights_sha256": "b", "ppl": 28.9},
+            ],
+            "taid": [{"teacher_ppl": 4.02, "teacher_weights_sha256": "a", "ppl": 29.8}],
+        },
+    }
+    row["teacher_ppl"] = compare["capacity_teacher_ppl"](row, {"ppl": 4.0}, 2.25)
+    assert row["teacher_ppl"] == pytest.approx(4.06)  # the mean over the two copies
+    table = [line for line in compare["capacity_section"]([row], "fig") if line.startswith("|")]
+    assert table[-1].startswith("| t20 | 90.0 M | 20 | 4.02 / 4.10 | 27.8 |")
