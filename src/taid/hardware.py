@@ -1,10 +1,21 @@
 """What the machine can do, detected rather than assumed: the CPU's model and the instruction
 sets that decide whether bfloat16 is fast, and the device a run will use.
 
-bfloat16 matrix products are fast on a CPU only with native bfloat16 instructions: AMX
-(``amx_bf16``, Intel Sapphire Rapids and later) or AVX-512 BF16 (``avx512_bf16``: Intel Cooper
-Lake and later, AMD Zen 4 and later). With AVX2 alone (AMD Zen 3 and older, most laptops)
-PyTorch converts to float32 and back around every product, which is slower than float32.
+bfloat16 autocast is faster than float32 on a CPU only where its bfloat16 matrix products
+beat the float32 ones, which the instruction sets decide together with the vendor:
+
+- AMX (``amx_bf16``, Intel Sapphire Rapids and later, where the hypervisor exposes it): tile
+  instructions, several times float32's throughput.
+- AVX-512 BF16 on AMD (Zen 4 and later): measured 1.99x float32's tokens/s on the quickstart's
+  step (docs/benchmarks.md), oneDNN's bfloat16 kernels against a float32 GEMM that is not
+  tuned for AMD.
+- AVX-512 BF16 on Intel without AMX (Cooper Lake; a Sapphire Rapids or later Xeon whose
+  hypervisor hides AMX): measured 0.59x, slower: Intel's float32 GEMM uses the same AVX-512
+  units at full speed and bfloat16 adds conversions. Float32 is the faster choice there.
+- AVX2 alone (AMD Zen 3 and older, most laptops): bfloat16 is emulated, converted to float32
+  and back around every product: slower than float32.
+
+``native_bf16`` says whether the instructions exist; ``bf16_faster`` whether to use them.
 """
 
 from __future__ import annotations
@@ -27,11 +38,20 @@ class CPU:
     model: str
     flags: frozenset[str]
     cores: int
+    vendor: str = "unknown"  # /proc/cpuinfo's vendor_id: GenuineIntel, AuthenticAMD
 
     @property
     def native_bf16(self) -> bool:
         """True when the CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16)."""
         return "amx_bf16" in self.flags or "avx512_bf16" in self.flags
+
+    @property
+    def bf16_faster(self) -> bool:
+        """True where bfloat16 autocast trains faster than float32 on this kind of CPU: AMX,
+        or AVX-512 BF16 on AMD; not AVX-512 BF16 on Intel without AMX (see the module)."""
+        if "amx_bf16" in self.flags:
+            return True
+        return "avx512_bf16" in self.flags and self.vendor == "AuthenticAMD"
 
     def describe(self) -> str:
         """One line naming the CPU, its relevant flags, cores and torch's CPU capability."""
@@ -45,15 +65,17 @@ class CPU:
 
 def parse_cpuinfo(text: str, cores: int) -> CPU:
     """The CPU described by the text of ``/proc/cpuinfo`` (its first processor)."""
-    model, flags = "unknown CPU", frozenset[str]()
+    model, flags, vendor = "unknown CPU", frozenset[str](), "unknown"
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and model == "unknown CPU":
             model = value.strip()
+        elif key == "vendor_id" and vendor == "unknown":
+            vendor = value.strip()
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
-    return CPU(model, flags, cores)
+    return CPU(model, flags, cores, vendor)
 
 
 @functools.cache
@@ -79,8 +101,9 @@ def resolve_precision(
     requested: str, *, cuda: bool | None = None, bf16_cpu: bool | None = None
 ) -> str:
     """The autocast precision a run uses: ``requested`` unless it is ``auto``, which picks
-    ``bf16`` where bfloat16 is native (a CUDA device that supports it; a CPU with AMX or
-    AVX-512 BF16) and ``no`` (float32) elsewhere.
+    ``bf16`` where bfloat16 is native and faster (a CUDA device that supports it; a CPU with
+    AMX, or an AMD one with AVX-512 BF16: :attr:`CPU.bf16_faster`) and ``no`` (float32)
+    elsewhere.
 
     ``cuda`` and ``bf16_cpu`` override the detection (for tests).
     """
@@ -91,5 +114,5 @@ def resolve_precision(
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     if bf16_cpu is None:
-        bf16_cpu = cpu().native_bf16
+        bf16_cpu = cpu().bf16_faster
     return "bf16" if bf16_cpu else "no"
