@@ -10,7 +10,8 @@ one-off cost the steps repay) and trains from it. For each option: the median st
 target tokens/s after two warm-up steps, the training loss of every step relative to float32
 (the same batches unless packing changes them), and the held-out KL(teacher || student) after
 the steps. The CPU is named with the features that decide
-the answer (AVX-512 BF16 and AMX instructions make bfloat16 matmuls fast; AVX2 alone does not).
+the answer (AMX, and AVX-512 BF16 on AMD, make bfloat16 faster than float32; AVX-512 BF16
+on Intel without AMX, and AVX2 alone, do not: docs/benchmarks.md).
 Run it alone: timings on a shared 2-core machine vary 10-30% run to run.
 """
 

@@ -20,7 +20,7 @@ Rows:
   layer, full logits never formed), chunked (from the logits, chunk by chunk) and eager (plain
   autograd).
 - ``taid-train/auto, mixed_precision=auto``: the same with the default precision, bfloat16
-  autocast where the CPU or GPU has native bfloat16 (the other rows are float32).
+  autocast where it is faster than float32 on the CPU or GPU (the other rows are float32).
 - ``TAIDTrainer``: taid's loss inside ``transformers.Trainer``.
 - ``TRL GKDTrainer``: TRL's GKD trainer with ``lmbda=0`` (dataset responses, no generation).
 - ``hand-written Trainer``: a ``transformers.Trainer`` subclass whose ``compute_loss`` is the few
@@ -363,7 +363,7 @@ def rows_for(objective: str) -> dict[str, Callable[[int, int, Path], dict[str, A
     for impl in IMPLEMENTATIONS:
         overrides = [f"loss.implementation={impl}"]
         rows[f"taid-train/{impl}"] = lambda n, w, o, x=overrides: run_taid(objective, n, w, x, o)
-    # the default precision (bf16 autocast where the CPU or GPU has native bfloat16)
+    # the default precision (bf16 autocast where it is faster than float32)
     rows[f"taid-train/auto, {PRECISION_ROW}"] = lambda n, w, o: run_taid(
         objective, n, w, ["train.mixed_precision=auto"], o
     )

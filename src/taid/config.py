@@ -170,8 +170,10 @@ class TrainConfig:
     """Gradient clipping (``null`` disables)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast precision of the student, the teacher and the loss (weights and optimizer stay
-    float32). ``auto``: ``bf16`` where bfloat16 is native (CUDA devices that support it, CPUs
-    with AMX or AVX-512 BF16), else ``no`` (float32); see :mod:`taid.hardware`."""
+    float32). ``auto``: ``bf16`` where bfloat16 is native and faster than float32 (CUDA
+    devices that support it; CPUs with AMX, or AMD ones with AVX-512 BF16), else ``no``
+    (float32, also on Intel CPUs with AVX-512 BF16 but no AMX, where bfloat16 measured
+    slower); see :mod:`taid.hardware`."""
     compile: bool = False
     """``torch.compile`` each decoder layer of the student and of an online teacher (regional
     compilation: one compiled block reused by every layer; names and checkpoints unchanged).
