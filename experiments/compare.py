@@ -1125,6 +1125,7 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
         )
     if not methods:
         notes.append("No student run of the ladder has finished yet.")
+    notes += precision_note(cap)
     notes = [*notes, ""] if notes else []
     figure = [f"![capacity gap]({relative}/capacity.png)", ""] if methods else []
     return lines + ["", *notes, *capacity_gain_section(cap), *figure]
@@ -1182,6 +1183,29 @@ def seeds_cell(p: dict[str, Any]) -> str:
     differ)."""
     left_out = p["precision_differs"]
     return f"{p['seeds']}" + (f" ({left_out} left out: precisions differ)" if left_out else "")
+
+
+def precision_note(cap: list[dict[str, Any]]) -> list[str]:
+    """A note when the ladder's student runs trained in more than one precision (``auto`` on
+    different kinds of CPU), naming the seeds of each; nothing otherwise."""
+    seeds: dict[str, set[int]] = {}
+    for row in cap:
+        for runs in row["students"].values():
+            for s in runs:
+                if s.get("precision") is not None:  # results that recorded it
+                    name = {"no": "float32"}.get(s["precision"], s["precision"])
+                    seeds.setdefault(name, set()).add(s["seed"])
+    if len(seeds) < 2:
+        return []
+    each = "; ".join(
+        f"{name}: seed{'s' if len(k) > 1 else ''} {', '.join(map(str, sorted(k)))}"
+        for name, k in sorted(seeds.items())
+    )
+    return [
+        f"The ladder's students trained in different precisions ({each}; `auto` on different "
+        "CPUs): a cell's spread includes the precision's effect; the gain table pairs the runs "
+        "of one seed, which share theirs."
+    ]
 
 
 def teacher_copies(row: dict[str, Any]) -> int:

@@ -415,6 +415,15 @@ def test_the_ladder_reads_each_methods_gain_from_the_stronger_teacher(compare):
     assert rows["taid"].startswith("| taid | 3 | +0.33 ± 1.15, 1:2, no difference |")
     assert rows["taid"].endswith("| -0.150 ± 0.000, 3:0, gains |")
     assert compare["capacity_gain_section"](ladder[:1]) == []  # one teacher: nothing to read
+    assert compare["precision_note"](ladder) == []  # one precision (none recorded): no note
+    for runs in ladder[1]["students"].values():
+        for s in runs:
+            s["precision"] = "bf16" if s["seed"] == 0 else "no"
+    assert compare["precision_note"](ladder) == [
+        "The ladder's students trained in different precisions (bf16: seed 0; float32: seeds "
+        "1, 2; `auto` on different CPUs): a cell's spread includes the precision's effect; the "
+        "gain table pairs the runs of one seed, which share theirs."
+    ]
     # the whole section carries it after the table
     assert lines[0] in compare["capacity_section"](ladder, "fig")
 
