@@ -429,6 +429,7 @@ class Selection:
 
     methods: list[str] | None = None
     seeds: set[int] | None = None
+    teachers: set[str] | None = None  # the capacity ladder's rungs (None: all)
     report_only: bool = False
     fresh: bool = False
 
@@ -437,12 +438,19 @@ class Selection:
         chosen = [m for m in self.methods or [] if m in names]
         return chosen + [m for m in names if m not in chosen]
 
-    def trains(self, method: str, seed: int) -> bool:
+    def trains(self, method: str, seed: int, teacher: str | None = None) -> bool:
+        """Whether to train this run: a main comparison's (``teacher`` None) or a capacity
+        student's of ``teacher``."""
         return (
             not self.report_only
             and (self.methods is None or method in self.methods)
             and (self.seeds is None or seed in self.seeds)
+            and (teacher is None or self.prepares(teacher))
         )
+
+    def prepares(self, teacher: str) -> bool:
+        """Whether this invocation may heal a capacity teacher and measure its reference."""
+        return not self.report_only and (self.teachers is None or teacher in self.teachers)
 
 
 def seeds_of(plan: dict[str, Any], method: str) -> list[int]:
@@ -498,10 +506,11 @@ Run = tuple[str, int, Path]
 
 
 def _capacity_runs(
-    cap: dict[str, Any], results: Path, sel: Selection
+    cap: dict[str, Any], teacher: str, results: Path, sel: Selection
 ) -> tuple[list[Run], list[Run]]:
     """One teacher's student runs: every (method, seed, result file) of the plan, and those
     this call trains (selected, and not finished unless ``fresh``)."""
+    results = results / teacher
     planned = [
         (method, seed, results / method / f"seed{seed}.json")
         for method in cap["methods"]
@@ -510,7 +519,7 @@ def _capacity_runs(
     todo = [
         (m, seed, p)
         for m, seed, p in planned
-        if (sel.fresh or not p.is_file()) and sel.trains(m, seed)
+        if (sel.fresh or not p.is_file()) and sel.trains(m, seed, teacher)
     ]
     return planned, todo
 
@@ -538,7 +547,7 @@ def capacity(
     rows, missing = [], []
     for spec in cap["teachers"]:
         name = spec["name"]
-        planned, todo = _capacity_runs(cap, results / name, sel)
+        planned, todo = _capacity_runs(cap, name, results, sel)
         missing += [
             f"capacity {name}: {m} seed {seed}"
             for m, seed, p in planned
@@ -546,7 +555,7 @@ def capacity(
         ]
         ref_dir = results / "reference" / name
         teacher, cache_dir = [], base_cache
-        if todo or (not (ref_dir / "teacher.json").is_file() and not sel.report_only):
+        if todo or (not (ref_dir / "teacher.json").is_file() and sel.prepares(name)):
             teacher, cache_dir = capacity_teacher(plan, base, root, results, spec, sel)
         elif not (ref_dir / "teacher.json").is_file():
             missing.append(f"capacity {name}: the teacher")
@@ -1246,6 +1255,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", default=None, help="train only these seeds (comma-separated)")
     parser.add_argument(
+        "--teachers",
+        default=None,
+        help="capacity ladder: heal and train only these teachers' runs (comma-separated names)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="train nothing; report the finished runs"
     )
     return parser.parse_args(argv)
@@ -1263,6 +1277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sel = Selection(
         methods=None if args.methods is None else args.methods.split(","),
         seeds=None if args.seeds is None else {int(x) for x in args.seeds.split(",")},
+        teachers=None if args.teachers is None else set(args.teachers.split(",")),
         report_only=args.report_only,
         fresh=args.fresh,
     )
@@ -1270,6 +1285,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(
             f"--methods: unknown {sorted(unknown)}; the plan has {list(plan['methods'])}"
+        )
+    rungs = [t["name"] for t in plan.get("capacity", {}).get("teachers", [])]
+    if set(sel.teachers or []) - set(rungs):
+        raise SystemExit(
+            f"--teachers: unknown {sorted(set(sel.teachers or []) - set(rungs))}; "
+            f"the capacity ladder has {rungs}"
         )
 
     runs, missing = comparison(plan, out, sel)

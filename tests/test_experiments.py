@@ -177,6 +177,19 @@ def test_methods_train_in_the_order_given(compare):
     assert compare["Selection"]().order(["sft", "fkl"]) == ["sft", "fkl"]
 
 
+def test_a_sitting_can_choose_the_ladders_teachers(compare, tmp_path):
+    sel = compare["Selection"](seeds={1}, teachers={"t10", "t30"})
+    assert sel.trains("fkl", 1, "t10") and not sel.trains("fkl", 1, "t20")
+    assert sel.trains("fkl", 1)  # the main comparison's runs are not the ladder's
+    assert not sel.trains("fkl", 0, "t10")
+    assert sel.prepares("t30") and not sel.prepares("t20")
+    everything = compare["Selection"]()
+    assert everything.prepares("t20") and everything.trains("akl", 2, "t20")
+    assert not compare["Selection"](report_only=True).prepares("t10")
+    with pytest.raises(SystemExit, match="--teachers: unknown \\['t99'\\]; the capacity ladder"):
+        compare["main"](["--quick", "--out", str(tmp_path), "--teachers", "t99", "--report-only"])
+
+
 def test_learning_curve_differences_pair_runs_by_seed_and_step(compare):
     differences = compare["curve_differences"]
 
