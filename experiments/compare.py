@@ -27,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -980,7 +981,7 @@ def report(
         "",
     ]
     if cap:
-        lines += capacity_section(cap, relative)
+        lines += capacity_section(cap, relative, plan.get("paired", []))
     return "\n".join(lines)
 
 
@@ -1082,9 +1083,13 @@ def paired_cell(
     )
 
 
-def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
+def capacity_section(
+    cap: list[dict[str, Any]], relative: str, treatments: Sequence[str] = ()
+) -> list[str]:
     """The capacity ladder's table: a row per teacher (its size and quality), a column per
-    method with a finished student run; the figure only once one has finished."""
+    method with a finished student run; then each method's gain from the stronger teacher,
+    the ``treatments`` (TAID rows) against each baseline per teacher, and the figure once a
+    student has finished."""
     methods = sorted({m for row in cap for m in row["students"]})
     header = ["teacher", "parameters", "layers", "teacher ppl", "teacher ROUGE-L", *methods]
     lines = [
@@ -1137,7 +1142,13 @@ def capacity_section(cap: list[dict[str, Any]], relative: str) -> list[str]:
     notes += precision_note(cap)
     notes = [*notes, ""] if notes else []
     figure = [f"![capacity gap]({relative}/capacity.png)", ""] if methods else []
-    return lines + ["", *notes, *capacity_gain_section(cap), *figure]
+    return lines + [
+        "",
+        *notes,
+        *capacity_gain_section(cap),
+        *capacity_paired_section(cap, treatments),
+        *figure,
+    ]
 
 
 def teacher_ppl_cell(row: dict[str, Any]) -> str:
@@ -1185,6 +1196,41 @@ def capacity_gain_section(cap: list[dict[str, Any]]) -> list[str]:
         ]
         lines.append(f"| {method} | {seeds_cell(p)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def capacity_paired_section(cap: list[dict[str, Any]], treatments: Sequence[str]) -> list[str]:
+    """Per teacher, each TAID row minus each baseline over the seeds both have (the same
+    seed: the same data order and precision), on the ladder's yardstick. Empty until a
+    teacher has both."""
+    rows = []
+    for rung in cap:
+        runs = rung["students"]
+        for treatment in [t for t in treatments if runs.get(t)]:
+            for baseline in [m for m in sorted(runs) if m not in treatments and runs[m]]:
+                p = paired(runs, treatment, baseline, LADDER_METRICS)
+                cells = [
+                    paired_cell(p.get(key), lower, digits)
+                    for key, _, lower, digits in LADDER_METRICS
+                ]
+                rows.append(
+                    f"| {rung['teacher']} | {treatment} - {baseline} | {seeds_cell(p)} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    if not rows:
+        return []
+    return [
+        "Paired differences on the ladder, TAID row minus baseline with the same teacher, over "
+        "the seeds both have: mean ± standard deviation, seeds favouring TAID : seeds favouring "
+        "the baseline, then the reading.",
+        "",
+        "| teacher | difference | seeds | "
+        + " | ".join(label for _, label, _, _ in LADDER_METRICS)
+        + " |",
+        "|---|---|---|" + "---|" * len(LADDER_METRICS),
+        *rows,
+        "",
+    ]
 
 
 def seeds_cell(p: dict[str, Any]) -> str:

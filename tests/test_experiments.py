@@ -440,6 +440,22 @@ def test_the_ladder_reads_each_methods_gain_from_the_stronger_teacher(compare):
     # the whole section carries it after the table
     assert lines[0] in compare["capacity_section"](ladder, "fig")
 
+    # TAID against each baseline with the same teacher, paired by seed
+    paired = compare["capacity_paired_section"](ladder, ["taid"])
+    rows = [line for line in paired if line.startswith(("| t10 ", "| t30 "))]
+    assert rows == [
+        "| t30 | taid - fkl | 3 | +1.33 ± 1.76, 1:2, no difference | -0.100 ± 0.000, 3:0, "
+        "TAID better |",
+        "| t30 | taid - skl | 2 | -115.50 ± 7.78, 2:0, TAID better | -0.100 ± 0.000, 2:0, "
+        "TAID better |",
+        "| t10 | taid - akl | 1 | -4.00, one seed | +0.050, one seed |",
+        "| t10 | taid - fkl | 3 | -0.33 ± 1.15, 2:1, no difference | +0.050 ± 0.000, 0:3, "
+        "TAID worse |",
+        "| t10 | taid - skl | 2 | -21.50 ± 0.71, 2:0, TAID better | +0.050 ± 0.000, 0:2, "
+        "TAID worse |",
+    ]
+    assert compare["capacity_paired_section"](ladder, ["gkd"]) == []  # no such run: no table
+
 
 def test_a_teacher_healed_twice_shows_each_copys_perplexity(compare):
     row = {
