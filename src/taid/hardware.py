@@ -5,7 +5,7 @@ bfloat16 autocast is faster than float32 on a CPU only where its bfloat16 matrix
 beat the float32 ones, which the instruction sets decide together with the vendor:
 
 - AMX (``amx_bf16``, Intel Sapphire Rapids and later, where the hypervisor exposes it): tile
-  instructions, several times float32's throughput.
+  instructions, several times float32's throughput by Intel's figures (not measured here).
 - AVX-512 BF16 on AMD (Zen 4 and later): measured 1.99x float32's tokens/s on the quickstart's
   step (docs/benchmarks.md), oneDNN's bfloat16 kernels against a float32 GEMM that is not
   tuned for AMD.
