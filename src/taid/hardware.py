@@ -51,7 +51,7 @@ class CPU:
         or AVX-512 BF16 on AMD; not AVX-512 BF16 on Intel without AMX (see the module)."""
         if "amx_bf16" in self.flags:
             return True
-        return "avx512_bf16" in self.flags and self.vendor == "AuthenticAMD"
+        return self.native_bf16 and self.vendor == "AuthenticAMD"  # AVX-512 BF16 on AMD
 
     def describe(self) -> str:
         """One line naming the CPU, its relevant flags, cores and torch's CPU capability."""
