@@ -595,7 +595,7 @@ def capacity(
 def teacher_ppl_of(summaries: list[dict[str, Any]]) -> float | None:
     """The teacher's held-out perplexity as its students' evaluations measured it (the same
     held-out responses as theirs), or None while no student has finished."""
-    return next((s["teacher_ppl"] for s in summaries if s.get("teacher_ppl")), None)
+    return next(iter(teacher_ppls(summaries)), None)
 
 
 def capacity_teacher_ppl(
@@ -606,22 +606,26 @@ def capacity_teacher_ppl(
     that, a healed teacher's from its healing run's evaluation (``healed``, its result: the
     same held-out responses, the healed model as the student) and the base teacher's from the
     main comparison (``base_ppl``)."""
-    measured = teacher_ppls(row)
+    measured = teacher_ppls(_students(row))
     if measured:
         return statistics.fmean(measured)
     return healed["ppl"] if healed is not None else base_ppl
 
 
-def teacher_ppls(row: dict[str, Any]) -> list[float]:
-    """A capacity teacher's held-out perplexity as its students measured it, one value per
-    copy of the teacher (by weight digest: a teacher healed again on another machine is
-    another copy), in the order its students list them."""
+def teacher_ppls(summaries: list[dict[str, Any]]) -> list[float]:
+    """A teacher's held-out perplexity as its students measured it, one value per copy of the
+    teacher (by weight digest: a teacher healed again on another machine is another copy), in
+    the order of ``summaries``."""
     by_copy: dict[str | None, float] = {}
-    for runs in row["students"].values():
-        for s in runs:
-            if s.get("teacher_ppl"):
-                by_copy.setdefault(s.get("teacher_weights_sha256"), s["teacher_ppl"])
+    for s in summaries:
+        if s.get("teacher_ppl"):
+            by_copy.setdefault(s.get("teacher_weights_sha256"), s["teacher_ppl"])
     return list(by_copy.values())
+
+
+def _students(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A capacity row's student results, every method's, in order."""
+    return [s for runs in row["students"].values() for s in runs]
 
 
 def capacity_teacher(
@@ -1153,7 +1157,7 @@ def capacity_section(
 
 def teacher_ppl_cell(row: dict[str, Any]) -> str:
     """A capacity teacher's perplexity; one per copy when the row mixes copies of it."""
-    per_copy = teacher_ppls(row)
+    per_copy = teacher_ppls(_students(row))
     if len(per_copy) > 1:
         return " / ".join(f"{ppl:.2f}" for ppl in per_copy)
     ppl = row.get("teacher_ppl")
