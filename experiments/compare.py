@@ -735,10 +735,12 @@ LADDER_METRICS = [
     ("judge_nll", "base teacher's NLL", True, 3),
 ]
 
+# (summary key, axis label, log scale): perplexities span 30-170 across methods, so a linear
+# axis would flatten the differences between the close methods that the ladder is about
 CAPACITY_PANELS = (
-    ("ppl", "student held-out perplexity"),
-    ("judge_nll", "base teacher's NLL of its answers"),
-    ("kl", "KL(own teacher || student)"),
+    ("ppl", "student held-out perplexity (log scale)", True),
+    ("judge_nll", "base teacher's NLL of its answers", False),
+    ("kl", "KL(own teacher || student)", False),
 )
 
 
@@ -750,11 +752,13 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, len(CAPACITY_PANELS), figsize=(13, 3.4))
     methods = sorted({m for r in rows for m in r["students"]})
+    rungs = sorted({r["teacher_ppl"] for r in rows if r.get("teacher_ppl") is not None})
     for method in methods:
-        for ax, (key, _) in zip(axes, CAPACITY_PANELS):
+        for ax, (key, _, _) in zip(axes, CAPACITY_PANELS):
             points = [
                 (r["teacher_ppl"], _stats(values))
                 for r in rows
@@ -772,10 +776,17 @@ def plot_capacity(rows: list[dict[str, Any]], path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-    for ax, (_, label) in zip(axes, CAPACITY_PANELS):
+    for ax, (_, label, log) in zip(axes, CAPACITY_PANELS):
+        ax.set_xscale("log")
+        ax.set_xticks(rungs, [f"{x:.2f}" for x in rungs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_xaxis()  # the stronger teacher to the right, as the paper draws its ladder
-        ax.set_xlabel("teacher held-out perplexity (stronger teacher to the right)")
+        ax.set_xlabel("teacher held-out perplexity (stronger ->)")
         ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(ScalarFormatter())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
