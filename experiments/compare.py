@@ -954,7 +954,7 @@ def report(
     done = sum(len(v) for v in runs.values())
     machines = sorted(
         {
-            f"{r.get('machine', 'not recorded')} ({r.get('precision', 'precision not recorded')})"
+            f"{r.get('machine', 'not recorded')} ({precision_name(r.get('precision'))})"
             for r in results
         }
     )
@@ -1177,40 +1177,58 @@ def teacher_ppl_cell(row: dict[str, Any]) -> str:
 
 def capacity_gain_section(cap: list[dict[str, Any]]) -> list[str]:
     """Whether each method's student gains from a stronger teacher, the paper's capacity
-    claim: per seed, its measure with the ladder's strongest teacher (lowest perplexity)
-    minus with its weakest (the same seed: the same data order and start), paired and read
-    as the main comparison's differences are. Empty until both ends have a student."""
+    claim: per seed, its measure with a stronger teacher minus with a weaker one (the same
+    seed: the same data order and start), paired and read as the main comparison's
+    differences are; for each step up the ladder (teachers ordered by their perplexity, not
+    by the order of the rows) and, with more than two teachers, from the weakest to the
+    strongest. Empty until two teachers have a student of the same method."""
     rungs = sorted(
         (r for r in cap if r.get("teacher_ppl") is not None),
         key=lambda r: r["teacher_ppl"],
         reverse=True,
     )
-    if len(rungs) < 2:
+    steps = list(zip(rungs, rungs[1:]))
+    if len(rungs) > 2:
+        steps.append((rungs[0], rungs[-1]))
+    rows = [row for weak, strong in steps for row in _gain_rows(weak, strong)]
+    if not rows:
         return []
-    weak, strong = rungs[0]["students"], rungs[-1]["students"]
-    methods = [m for m in sorted(strong) if weak.get(m)]
-    if not methods:
-        return []
-    lines = [
-        f"Gain from the stronger teacher: per seed, the student's measure with "
-        f"{rungs[-1]['teacher']} minus with {rungs[0]['teacher']} (negative: the stronger "
-        "teacher's student is better), mean ± standard deviation, seeds that gained : seeds "
-        "that lost, then the reading (a change not larger than its spread is called no "
-        "difference).",
+    return [
+        "Gain from a stronger teacher: per seed, the student's measure with the stronger "
+        "teacher minus with the weaker (negative: the stronger teacher's student is better), "
+        "for each step up the ladder and from its weakest to its strongest teacher; mean ± "
+        "standard deviation, seeds that gained : seeds that lost, then the reading (a change "
+        "not larger than its spread is called no difference).",
         "",
-        "| method | seeds | " + " | ".join(label for _, label, _, _ in LADDER_METRICS) + " |",
-        "|---|---|" + "---|" * len(LADDER_METRICS),
+        "| teachers | method | seeds | "
+        + " | ".join(label for _, label, _, _ in LADDER_METRICS)
+        + " |",
+        "|---|---|---|" + "---|" * len(LADDER_METRICS),
+        *rows,
+        "",
     ]
-    for method in methods:
+
+
+def _gain_rows(weak: dict[str, Any], strong: dict[str, Any]) -> list[str]:
+    """The gain table's rows for one pair of teachers: a row per method both have."""
+    rows = []
+    for method in [m for m in sorted(strong["students"]) if weak["students"].get(m)]:
         p = paired(
-            {"strong": strong[method], "weak": weak[method]}, "strong", "weak", LADDER_METRICS
+            {"strong": strong["students"][method], "weak": weak["students"][method]},
+            "strong",
+            "weak",
+            LADDER_METRICS,
         )
         cells = [
             paired_cell(p.get(key), lower, digits, ("gains", "loses"))
             for key, _, lower, digits in LADDER_METRICS
         ]
-        lines.append(f"| {method} | {seeds_cell(p)} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        rows.append(
+            f"| {weak['teacher']} → {strong['teacher']} | {method} | {seeds_cell(p)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return rows
 
 
 def capacity_paired_section(cap: list[dict[str, Any]], treatments: Sequence[str]) -> list[str]:
@@ -1255,6 +1273,14 @@ def seeds_cell(p: dict[str, Any]) -> str:
     return f"{p['seeds']}" + (f" ({left_out} left out: precisions differ)" if left_out else "")
 
 
+def precision_name(precision: str | None) -> str:
+    """How the report names a run's precision: accelerate's ``mixed_precision`` value as a
+    dtype (``"no"``, no autocast, trains in float32)."""
+    if precision is None:
+        return "precision not recorded"
+    return {"no": "float32"}.get(precision, precision)
+
+
 def precision_note(cap: list[dict[str, Any]]) -> list[str]:
     """A note when the ladder's student runs trained in more than one precision (``auto`` on
     different kinds of CPU), naming the seeds of each; nothing otherwise."""
@@ -1263,8 +1289,7 @@ def precision_note(cap: list[dict[str, Any]]) -> list[str]:
         for runs in row["students"].values():
             for s in runs:
                 if s.get("precision") is not None:  # results that recorded it
-                    name = {"no": "float32"}.get(s["precision"], s["precision"])
-                    seeds.setdefault(name, set()).add(s["seed"])
+                    seeds.setdefault(precision_name(s["precision"]), set()).add(s["seed"])
     if len(seeds) < 2:
         return []
     each = "; ".join(

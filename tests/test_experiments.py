@@ -5,6 +5,7 @@ paired statistics are checked on made-up results."""
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ def test_quick_comparison_produces_the_report(compare, tmp_path, monkeypatch):
         saved = tmp_path / "runs" / "results" / "main" / method / "seed0.json"
         assert json.loads(saved.read_text())["kl"] == summary["kl"]
     assert "| taid |" in report and "Capacity gap" in report and "Paired differences" in report
+    # the machines line names each run's precision as a dtype, not accelerate's "no"
+    machines = report.split("Machine(s): ", 1)[1].split("\n", 1)[0]
+    assert re.search(r"\((float32|bf16|fp16)\)", machines) and "(no)" not in machines
     assert [row["teacher"] for row in out["capacity"]] == ["tiny-1l", "tiny-2l"]
     assert out["capacity"][0]["layers"] == 1 and out["capacity"][1]["layers"] == 2
     # each teacher's reference and students record the one copy of it they were made with
@@ -378,8 +382,9 @@ def test_a_capacity_teacher_ppl_is_its_students_measurement_once_one_has_finishe
 
 
 def test_the_ladder_reads_each_methods_gain_from_the_stronger_teacher(compare):
-    """Per seed, the student's measure with the strongest teacher minus with the weakest (found
-    by the teachers' perplexity, not by the order of the rows), read as the paired table is."""
+    """Per seed, the student's measure with a stronger teacher minus with a weaker one, for
+    each step up the ladder and from its weakest to its strongest teacher (ordered by the
+    teachers' perplexity, not by the order of the rows), read as the paired table is."""
 
     def students(ppls, nll=0.9):
         return [{"seed": k, "ppl": p, "judge_nll": nll} for k, p in enumerate(ppls)]
@@ -417,16 +422,23 @@ def test_the_ladder_reads_each_methods_gain_from_the_stronger_teacher(compare):
         ),
     ]
     lines = compare["capacity_gain_section"](ladder)
-    assert lines[0].startswith(
-        "Gain from the stronger teacher: per seed, the student's measure with t30 minus with t10"
-    )
-    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
-    assert set(rows) == {"method", "fkl", "skl", "taid"}  # akl: no student with t30
-    fkl = "| fkl | 3 | -1.33 ± 0.29, 3:0, gains | +0.000 ± 0.000, 0:0, no difference |"
-    assert rows["fkl"] == fkl
-    assert rows["skl"].startswith("| skl | 2 | +94.00 ± 5.66, 0:2, loses |")
-    assert rows["taid"].startswith("| taid | 3 | +0.33 ± 1.15, 1:2, no difference |")
-    assert rows["taid"].endswith("| -0.150 ± 0.000, 3:0, gains |")
+    assert lines[0].startswith("Gain from a stronger teacher: per seed")
+    rows = [line for line in lines if line.startswith("| t")]
+    same = "+0.000 ± 0.000, 0:0, no difference |"
+    # each step up (only fkl has a student with t20), then the ends (akl: none with t30)
+    assert rows == [
+        "| teachers | method | seeds | perplexity | base teacher's NLL |",
+        f"| t10 → t20 | fkl | 3 | -0.83 ± 0.29, 3:0, gains | {same}",
+        f"| t20 → t30 | fkl | 3 | -0.50 ± 0.00, 3:0, gains | {same}",
+        f"| t10 → t30 | fkl | 3 | -1.33 ± 0.29, 3:0, gains | {same}",
+        f"| t10 → t30 | skl | 2 | +94.00 ± 5.66, 0:2, loses | {same}",
+        "| t10 → t30 | taid | 3 | +0.33 ± 1.15, 1:2, no difference | -0.150 ± 0.000, 3:0, gains |",
+    ]
+    # two teachers: their one step, not repeated as the ends
+    two = [line for line in compare["capacity_gain_section"](ladder[1:]) if "→" in line]
+    assert [line.split(" | ")[:2] for line in two] == [
+        ["| t10 → t30", m] for m in ("fkl", "skl", "taid")
+    ]
     assert compare["capacity_gain_section"](ladder[:1]) == []  # one teacher: nothing to read
     assert compare["precision_note"](ladder) == []  # one precision (none recorded): no note
     for runs in ladder[1]["students"].values():
