@@ -1193,17 +1193,26 @@ def capacity_gain_section(cap: list[dict[str, Any]]) -> list[str]:
     rows = [row for weak, strong in steps for row in _gain_rows(weak, strong)]
     if not rows:
         return []
-    return [
+    return ladder_table(
         "Gain from a stronger teacher: per seed, the student's measure with the stronger "
         "teacher minus with the weaker (negative: the stronger teacher's student is better), "
         "for each step up the ladder and from its weakest to its strongest teacher; mean ± "
         "standard deviation, seeds that gained : seeds that lost, then the reading (a change "
         "not larger than its spread is called no difference).",
+        ["teachers", "method"],
+        rows,
+    )
+
+
+def ladder_table(intro: str, columns: list[str], rows: list[str]) -> list[str]:
+    """A ladder table of paired differences: its introduction, then a header of ``columns``,
+    the seeds and one column per ladder metric, then ``rows`` (already formatted)."""
+    header = [*columns, "seeds", *(label for _, label, _, _ in LADDER_METRICS)]
+    return [
+        intro,
         "",
-        "| teachers | method | seeds | "
-        + " | ".join(label for _, label, _, _ in LADDER_METRICS)
-        + " |",
-        "|---|---|---|" + "---|" * len(LADDER_METRICS),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
         *rows,
         "",
     ]
@@ -1252,18 +1261,13 @@ def capacity_paired_section(cap: list[dict[str, Any]], treatments: Sequence[str]
                 )
     if not rows:
         return []
-    return [
+    return ladder_table(
         "Paired differences on the ladder, TAID row minus baseline with the same teacher, over "
         "the seeds both have: mean ± standard deviation, seeds favouring TAID : seeds favouring "
         "the baseline, then the reading.",
-        "",
-        "| teacher | difference | seeds | "
-        + " | ".join(label for _, label, _, _ in LADDER_METRICS)
-        + " |",
-        "|---|---|---|" + "---|" * len(LADDER_METRICS),
-        *rows,
-        "",
-    ]
+        ["teacher", "difference"],
+        rows,
+    )
 
 
 def seeds_cell(p: dict[str, Any]) -> str:
